@@ -1,0 +1,265 @@
+"""`volseg` command line: thin Typer commands that build a config and call one library function.
+
+Heavy imports (torch, the training loop) happen inside the commands so `volseg --help` is instant.
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 a bug (traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from volseg.errors import VolsegError
+
+app = typer.Typer(
+    name="volseg",
+    help="3D U-Net segmentation of medical volumes: train, predict, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEMO_MARKER = ".volseg-demo"
+
+
+def _echo(text: str) -> None:
+    typer.echo(text)
+
+
+@app.command()
+def train(
+    dataset: Annotated[Path, typer.Argument(help="nnU-Net-layout dataset folder (imagesTr/, labelsTr/, dataset.json)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="run folder for models, metrics and plots")],
+    max_minutes: Annotated[Optional[float], typer.Option(help="wall-time budget, preprocessing included")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed for the split, initialisation and sampling")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in OUTPUT after an interruption")] = False,
+    patch_size: Annotated[Optional[str], typer.Option(help="patch size as I,J,K voxels (default: planned)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="patches per step (default: planned)")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(help="stop after this many epochs")] = None,
+    iters_per_epoch: Annotated[Optional[int], typer.Option(help="steps per epoch; 0 = about 1/30 of the budget")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="stop after this many epochs without a better validation loss")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="initial learning rate")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="dice_ce, ce or dice")] = None,
+    base_width: Annotated[Optional[int], typer.Option(help="feature channels at full resolution")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="resolution levels of the U-Net")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="instance, batch or none")] = None,
+    normalization: Annotated[Optional[str], typer.Option(help="zscore, zscore_nonzero or none")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Train a 3D U-Net on every case of DATASET (a validation split is taken inside)."""
+    from volseg import report
+    from volseg.train import METRICS_CSV, train as run_training
+
+    overrides: dict[str, dict[str, Any]] = {
+        "train": {
+            "patch_size": _parse_triple(patch_size, "--patch-size") if patch_size else None,
+            "batch_size": batch_size, "max_epochs": max_epochs, "iters_per_epoch": iters_per_epoch,
+            "patience": patience, "lr": lr, "loss": loss,
+        },
+        "model": {"base_width": base_width, "depth": depth, "norm": norm},
+        "data": {"normalization": normalization},
+    }
+
+    def plot(run_dir: Path, row: dict[str, Any]) -> None:
+        report.plot_training_curves(run_dir / METRICS_CSV, run_dir / "training_curves.png")
+
+    summary = run_training(dataset, output, max_minutes=max_minutes, seed=seed, device=device,
+                           overrides=overrides, resume=resume, progress=not quiet, on_epoch=plot)
+    _echo(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['epochs']} epochs "
+          f"({summary['minutes']:.1f} min, stopped: {summary['stop_reason']}); model in {output}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option("-m", "--model", help="run folder or .safetensors model file")],
+    input: Annotated[Path, typer.Option("-i", "--input", help="image file, DICOM folder, or folder of <case>_<CCCC> images")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output file or folder")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    skip_existing: Annotated[bool, typer.Option("--continue", help="skip cases whose output already exists")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Segment images with a trained model; outputs keep the input's geometry."""
+    from volseg.inference import predict_paths
+
+    t = time.monotonic()
+    written = predict_paths(model, input, output, device=device, overwrite=not skip_existing, progress=not quiet)
+    _echo(f"wrote {len(written)} segmentation(s) to {output} in {time.monotonic() - t:.1f} s")
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="folder of predicted <case><ending> segmentations")],
+    ref: Annotated[Path, typer.Argument(help="folder of reference segmentations with the same names")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="per-case, per-label CSV")] = Path("metrics.csv"),
+    dataset_json: Annotated[Optional[Path], typer.Option(help="dataset.json for label names (default: next to REF)")] = None,
+    workers: Annotated[int, typer.Option(help="parallel processes")] = 1,
+    plot: Annotated[bool, typer.Option(help="also write a box plot PNG next to the CSV")] = True,
+) -> None:
+    """Dice, Jaccard, precision, recall, HD and HD95 (mm) per case and label."""
+    from volseg import io, report
+
+    labels = None
+    ending = ".nii.gz"
+    candidate = dataset_json or (ref.parent / "dataset.json")
+    if candidate.is_file():
+        info = io.read_dataset_info(candidate.parent)
+        labels = {v: n for n, v in info.labels if v != 0 and v != info.ignore_label}
+        ending = info.file_ending
+    elif dataset_json is not None:
+        raise VolsegError(dataset_json, "file not found")
+    rows = report.evaluate_folders(pred, ref, labels, file_ending=ending, out_csv=output, workers=workers)
+    summary = report.summarize(rows)
+    report.write_json(output.with_suffix(".summary.json"), summary)
+    if plot:
+        report.plot_metric_boxes(rows, output.with_suffix(".png"))
+    _echo(report.format_summary(summary))
+    _echo(f"per-case metrics: {output}")
+
+
+@app.command()
+def check(dataset: Annotated[Path, typer.Argument(help="nnU-Net-layout dataset folder")]) -> None:
+    """Report every problem of a dataset at once (exit 2 if there is any)."""
+    from volseg import io
+
+    problems = io.check_dataset(dataset)
+    if problems:
+        for p in problems:
+            typer.echo(p, err=True)
+        typer.echo(f"{dataset}: {len(problems)} problem(s) found", err=True)
+        raise typer.Exit(2)
+    _echo(f"{dataset}: OK")
+
+
+@app.command()
+def synth(
+    output: Annotated[Path, typer.Option("-o", "--output", help="dataset folder to create")],
+    cases: Annotated[int, typer.Option(help="training cases")] = 12,
+    test_cases: Annotated[int, typer.Option(help="extra cases in imagesTs/labelsTs")] = 0,
+    shape: Annotated[str, typer.Option(help="volume shape I,J,K in voxels")] = "48,48,48",
+    spacing: Annotated[str, typer.Option(help="voxel spacing I,J,K in mm")] = "1,1,1",
+    classes: Annotated[int, typer.Option(help="label classes including background")] = 3,
+    channels: Annotated[int, typer.Option(help="input channels")] = 1,
+    noise: Annotated[float, typer.Option(help="noise std relative to contrast")] = 0.1,
+    bias: Annotated[float, typer.Option(help="bias-field amplitude")] = 0.3,
+    touching: Annotated[bool, typer.Option(help="place objects so that some touch")] = True,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing folder")] = False,
+) -> None:
+    """Write a seeded synthetic dataset in the nnU-Net layout."""
+    from volseg import synthetic
+
+    _refuse_existing(output, overwrite)
+    synthetic.write_dataset(
+        output, n_cases=cases, shape_vox=_parse_triple(shape, "--shape", int),
+        spacing_mm=_parse_triple(spacing, "--spacing", float), n_classes=classes, n_channels=channels,
+        seed=seed, noise=noise, bias=bias, touching=touching, n_test=test_cases,
+    )
+    _echo(f"wrote {cases} training and {test_cases} test cases to {output}")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="demo folder (re-created on each run)")] = Path("volseg_demo"),
+    minutes: Annotated[float, typer.Option(help="training budget")] = 2.5,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Synthesize a dataset, train, predict the held-out cases, evaluate, and plot — all on this machine."""
+    from volseg import io, report, synthetic
+    from volseg.inference import predict_paths
+    from volseg.train import METRICS_CSV, train as run_training
+
+    t0 = time.monotonic()
+    if output.exists():
+        if not (output / DEMO_MARKER).exists():
+            raise VolsegError(output, "exists and is not a volseg demo folder", "choose another --output")
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    (output / DEMO_MARKER).write_text("created by `volseg demo`; deleted and re-created on each demo run\n")
+    data = output / "data"
+    _echo(f"[1/4] synthesizing a dataset in {data}")
+    synthetic.write_dataset(data, n_cases=16, n_test=4, shape_vox=(40, 40, 32), spacing_mm=(1.0, 1.0, 1.25),
+                            n_classes=3, n_channels=1, seed=seed)
+    _echo(f"[2/4] training for up to {minutes:g} min")
+    run = output / "run"
+    summary = run_training(data, run, max_minutes=minutes, seed=seed, device=device,
+                           on_epoch=lambda d, r: report.plot_training_curves(d / METRICS_CSV, d / "training_curves.png"))
+    _echo(f"[3/4] predicting {data / 'imagesTs'}")
+    pred = output / "predictions"
+    predict_paths(run, data / "imagesTs", pred, device=device)
+    _echo("[4/4] evaluating")
+    info = io.read_dataset_info(data)
+    labels = {v: n for n, v in info.labels if v != 0}
+    rows = report.evaluate_folders(pred, data / "labelsTs", labels, out_csv=output / "metrics.csv")
+    summ = report.summarize(rows)
+    report.write_json(output / "metrics.summary.json", summ)
+    first = sorted(pred.iterdir())[0]
+    case = first.name[: -len(info.file_ending)]
+    image = io.read_volume(data / "imagesTs" / f"{case}_0000{info.file_ending}")
+    report.plot_overlay(image.array[0], io.read_label(first).array[0], output / "overlay.png",
+                        ref=io.read_label(data / "labelsTs" / first.name).array[0], spacing=image.spacing,
+                        title=f"{case}: prediction (solid) vs reference (dashed)")
+    _echo(report.format_summary(summ))
+    mean = summ["all"]["dice"]
+    _echo(json.dumps({"mean_dice": round(mean, 4), "train_minutes": round(summary["minutes"], 2),
+                      "total_minutes": round((time.monotonic() - t0) / 60, 2)}))
+    _echo(f"done: overlay {output / 'overlay.png'}, curves {run / 'training_curves.png'}, table {output / 'metrics.csv'}")
+
+
+@app.command()
+def info(model: Annotated[Path, typer.Argument(help="run folder or .safetensors model file")]) -> None:
+    """Print a model file's configuration and validation scores."""
+    from volseg.checkpoint import read_model_file
+
+    tensors, cfg, extra = read_model_file(model)
+    n = sum(t.numel() for t in tensors.values())
+    _echo(cfg.to_json())
+    _echo(json.dumps({"parameters": n, **extra}, indent=2))
+
+
+def _parse_triple(text: str, flag: str, kind: type = int) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise VolsegError(None, f"{flag} must be three comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise VolsegError(None, f"{flag} must be three comma-separated numbers, got {text!r}")
+    return values
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise VolsegError(path, "output already exists", "pass --overwrite to replace it")
+        shutil.rmtree(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning `VolsegError` into one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except VolsegError as exc:
+        typer.echo(f"volseg: error: {exc.message}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors arrive here too
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise

@@ -1,0 +1,146 @@
+"""Frozen dataclasses for everything a run needs; serialised as JSON into the model file.
+
+One `Config` travels from training into the model file so that prediction preprocesses exactly as
+training did (channels, labels, normalisation, spacing, patch size) without guessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from volseg.errors import VolsegError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the network sees: channels, label values and how intensities are normalised."""
+
+    channel_names: tuple[str, ...] = ("image",)
+    labels: tuple[tuple[str, int], ...] = (("background", 0), ("foreground", 1))
+    ignore_label: int | None = None
+    file_ending: str = ".nii.gz"
+    normalization: str = "zscore"  # "zscore" | "zscore_nonzero" | "none"
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # median training spacing, mm
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels: every declared label except `ignore`."""
+        return len(self.class_values)
+
+    @property
+    def class_values(self) -> tuple[int, ...]:
+        """Label values the network predicts, sorted; index i of the output is value i's logit."""
+        return tuple(sorted(v for n, v in self.labels if v != self.ignore_label))
+
+    @property
+    def foreground_labels(self) -> dict[int, str]:
+        """Non-background, non-ignore labels by value, for metrics tables."""
+        return {v: n for n, v in self.labels if v != 0 and v != self.ignore_label}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """3D U-Net shape: depth counts resolution levels (depth 4 = three poolings)."""
+
+    in_channels: int = 1
+    num_classes: int = 2
+    base_width: int = 16
+    max_width: int = 256
+    depth: int = 4
+    norm: str = "instance"  # "instance" | "batch" | "none"
+    padding: str = "same"  # "same" keeps sizes; "valid" is the original 3D U-Net (output smaller)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation schedule; poly decay runs on whichever is further along: epochs or minutes."""
+
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    batch_size: int = 2
+    iters_per_epoch: int = 0  # 0 = auto: about 1/30 of the time budget per epoch (10..250 steps)
+    max_epochs: int = 1000
+    max_minutes: float = 60.0
+    lr: float = 0.01
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    poly_exponent: float = 0.9
+    loss: str = "dice_ce"  # "dice_ce" | "ce" | "dice"
+    foreground_fraction: float = 0.33
+    mirror: bool = True
+    val_fraction: float = 0.2
+    patience: int = 0  # epochs without val-loss improvement before stopping; 0 = never stop early
+    min_delta: float = 1e-4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Sliding-window settings."""
+
+    overlap: float = 0.5
+    blend: str = "gaussian"  # "gaussian" | "uniform"
+    batch_size: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a model file needs to be used again."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str | None = None) -> Config:
+        """Parse a config written by `to_json`; refuse other versions with a clear message."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise VolsegError(source, f"config is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(raw, dict):
+            raise VolsegError(source, "config must be a JSON object")
+        version = raw.get("version")
+        if version != FORMAT_VERSION:
+            raise VolsegError(
+                source,
+                f"config format version {version!r} is not supported (this volseg reads version {FORMAT_VERSION})",
+                "re-train or use the volseg release that wrote it",
+            )
+        try:
+            return cls(
+                data=_build(DataConfig, raw.get("data", {})),
+                model=_build(ModelConfig, raw.get("model", {})),
+                train=_build(TrainConfig, raw.get("train", {})),
+                infer=_build(InferConfig, raw.get("infer", {})),
+                version=version,
+            )
+        except (TypeError, ValueError) as exc:
+            raise VolsegError(source, f"config has wrong fields or types: {exc}") from None
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """Build a dataclass from JSON, turning lists back into tuples and rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{cls.__name__} must be an object")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(names)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    return cls(**{k: _tuplify(v) for k, v in values.items()})
+
+
+def _tuplify(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value

@@ -1,0 +1,174 @@
+"""Training data: preprocess each case once into a disk cache, then cut random patches from memory maps.
+
+Cached arrays are memory-mapped, so datasets larger than RAM train without loading everything,
+and a resumed run skips preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from volseg import io
+from volseg.config import DataConfig
+from volseg.errors import VolsegError
+from volseg.preprocessing import encode_labels, normalize
+from volseg.sampling import crop_pad, random_patch_start
+
+_MAX_FG_VOXELS = 20_000  # per class and case: enough positions to oversample from
+
+
+@dataclass
+class CaseData:
+    """One preprocessed training case (arrays may be memory maps)."""
+
+    case_id: str
+    image: np.ndarray  # (C, I, J, K) float32, normalised
+    label: np.ndarray  # (I, J, K) class indices
+    weight: np.ndarray | None  # (I, J, K) uint8, 0 = unlabelled; None when every voxel is labelled
+    fg_voxels: dict[int, np.ndarray]  # class index -> (N, 3) labelled voxel positions of that class
+    spacing: tuple[float, float, float]
+
+
+def _cache_key(data: DataConfig) -> str:
+    return json.dumps(
+        {"norm": data.normalization, "classes": data.class_values, "ignore": data.ignore_label, "v": 1}
+    )
+
+
+def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseData:
+    """Normalise, encode labels and index foreground voxels of one case; reuse the cache when valid."""
+    stem = cache_dir / case.case_id
+    key_file = stem.with_name(case.case_id + ".json")
+    key = _cache_key(data)
+    if not (key_file.exists() and json.loads(key_file.read_text()).get("key") == key):
+        image = io.read_image(case.images)
+        label = io.read_label(case.label).array[0] if case.label is not None else None
+        if label is None:
+            raise VolsegError(case.images[0], f"training case {case.case_id} has no label file")
+        index, known = encode_labels(label, data.class_values, data.ignore_label)
+        rng = np.random.default_rng(0)
+        fg = {}
+        for c in range(1, len(data.class_values)):
+            pos = np.argwhere((index == c) & (known > 0)).astype(np.int32)
+            if len(pos) > _MAX_FG_VOXELS:
+                pos = pos[rng.choice(len(pos), _MAX_FG_VOXELS, replace=False)]
+            fg[f"c{c}"] = pos
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _save_npy(stem.with_name(case.case_id + "_image.npy"), normalize(image.array, data.normalization))
+        _save_npy(stem.with_name(case.case_id + "_label.npy"), index)
+        _save_npy(stem.with_name(case.case_id + "_weight.npy"), known)
+        tmp = stem.with_name(case.case_id + "_fg.tmp.npz")
+        np.savez(tmp, **fg)
+        tmp.replace(stem.with_name(case.case_id + "_fg.npz"))
+        key_file.write_text(json.dumps({"key": key, "spacing": list(image.spacing), "all_labelled": bool(known.all())}))
+    meta = json.loads(key_file.read_text())
+    with np.load(stem.with_name(case.case_id + "_fg.npz"), allow_pickle=False) as f:
+        fg_voxels = {int(k[1:]): f[k] for k in f.files}
+    return CaseData(
+        case_id=case.case_id,
+        image=np.load(stem.with_name(case.case_id + "_image.npy"), mmap_mode="r"),
+        label=np.load(stem.with_name(case.case_id + "_label.npy"), mmap_mode="r"),
+        weight=None if meta["all_labelled"] else np.load(stem.with_name(case.case_id + "_weight.npy"), mmap_mode="r"),
+        fg_voxels=fg_voxels,
+        spacing=tuple(meta["spacing"]),
+    )
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, np.ascontiguousarray(array))
+    tmp.replace(path)
+
+
+def sample_patch(
+    case: CaseData, patch: Sequence[int], rng: np.random.Generator, force_fg: bool, mirror: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (image, class-index, weight) patch; `force_fg` centres it on a random labelled object voxel.
+
+    Padding outside the volume gets weight 0: the network is not taught what lies beyond the scan.
+    """
+    center = None
+    classes = [c for c, pos in case.fg_voxels.items() if len(pos)]
+    if force_fg and classes:
+        pos = case.fg_voxels[classes[rng.integers(len(classes))]]
+        center = pos[rng.integers(len(pos))]
+    shape = case.label.shape
+    start = random_patch_start(shape, patch, rng, center)
+    x = crop_pad(case.image, start, patch)
+    y = crop_pad(case.label, start, patch)
+    w = crop_pad(case.weight if case.weight is not None else np.ones(shape, np.uint8), start, patch)
+    if mirror:
+        for axis in range(3):
+            if rng.random() < 0.5:
+                x, y, w = np.flip(x, axis + 1), np.flip(y, axis), np.flip(w, axis)
+    return np.ascontiguousarray(x), np.ascontiguousarray(y), np.ascontiguousarray(w)
+
+
+def sample_batch(
+    cases: Sequence[CaseData],
+    patch: Sequence[int],
+    batch_size: int,
+    rng: np.random.Generator,
+    fg_fraction: float,
+    mirror: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training batch; at least round(fg_fraction * batch) patches hold labelled foreground."""
+    n_fg = max(1, round(fg_fraction * batch_size)) if fg_fraction > 0 else 0
+    xs, ys, ws = [], [], []
+    for b in range(batch_size):
+        case = cases[rng.integers(len(cases))]
+        x, y, w = sample_patch(case, patch, rng, force_fg=b >= batch_size - n_fg, mirror=mirror)
+        xs.append(x)
+        ys.append(y)
+        ws.append(w)
+    return (
+        torch.from_numpy(np.stack(xs)),
+        torch.from_numpy(np.stack(ys).astype(np.int64)),
+        torch.from_numpy(np.stack(ws).astype(np.float32)),
+    )
+
+
+class BatchStream:
+    """Batches produced by a background thread, so patch cutting overlaps the training step."""
+
+    def __init__(self, cases: Sequence[CaseData], patch: Sequence[int], batch_size: int, rng: np.random.Generator,
+                 fg_fraction: float, mirror: bool, prefetch: int = 2) -> None:
+        self._args = (cases, patch, batch_size, rng, fg_fraction, mirror)
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = sample_batch(*self._args)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # surface worker errors in the training thread
+            self._queue.put(exc)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

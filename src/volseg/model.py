@@ -1,0 +1,148 @@
+"""The 3D U-Net of Çiçek et al. (2016), with configurable depth, width, normalisation and padding.
+
+Analysis path: per level two 3x3x3 convolutions, each followed by optional normalisation and ReLU,
+then 2x2x2 max-pooling. Synthesis path: 2x2x2 transposed convolution, concatenation with the skip
+connection, two 3x3x3 convolutions. A 1x1x1 convolution gives one logit per class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from volseg.config import ModelConfig
+from volseg.errors import VolsegError
+
+NORMS = ("instance", "batch", "none")
+PADDINGS = ("same", "valid")
+
+
+def level_widths(cfg: ModelConfig) -> list[int]:
+    """Feature channels per resolution level: doubling from `base_width`, capped at `max_width`."""
+    return [min(cfg.base_width * 2**level, cfg.max_width) for level in range(cfg.depth)]
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True, eps=1e-5)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    return nn.Identity()
+
+
+class _DoubleConv(nn.Sequential):
+    """Two (conv 3x3x3 -> norm -> ReLU) blocks; the bias is dropped where a norm follows."""
+
+    def __init__(self, in_ch: int, out_ch: int, norm: str, padding: int) -> None:
+        bias = norm == "none"
+        super().__init__(
+            nn.Conv3d(in_ch, out_ch, 3, padding=padding, bias=bias),
+            _norm(norm, out_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(out_ch, out_ch, 3, padding=padding, bias=bias),
+            _norm(norm, out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+def _center_crop(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Crop the spatial centre of a skip tensor to the decoder's size (needed with valid padding)."""
+    slices = [slice(None), slice(None)]
+    for have, want in zip(t.shape[2:], size):
+        start = (have - want) // 2
+        slices.append(slice(start, start + want))
+    return t[tuple(slices)]
+
+
+class UNet3d(nn.Module):
+    """3D U-Net returning logits of shape (B, num_classes, I', J', K').
+
+    With padding "same" the output has the input's spatial size, which must then be divisible by
+    2**(depth-1). With padding "valid" the output is smaller (see `valid_output_size`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.norm not in NORMS:
+            raise VolsegError(None, f"unknown normalisation {cfg.norm!r}", f"use one of {', '.join(NORMS)}")
+        if cfg.padding not in PADDINGS:
+            raise VolsegError(None, f"unknown padding {cfg.padding!r}", f"use one of {', '.join(PADDINGS)}")
+        if cfg.depth < 1 or cfg.base_width < 1 or cfg.in_channels < 1 or cfg.num_classes < 1:
+            raise VolsegError(None, f"invalid model shape {cfg}")
+        self.cfg = cfg
+        pad = 1 if cfg.padding == "same" else 0
+        widths = level_widths(cfg)
+        self.encoders = nn.ModuleList()
+        in_ch = cfg.in_channels
+        for width in widths:
+            self.encoders.append(_DoubleConv(in_ch, width, cfg.norm, pad))
+            in_ch = width
+        self.pool = nn.MaxPool3d(2)
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in range(cfg.depth - 2, -1, -1):
+            self.ups.append(nn.ConvTranspose3d(widths[level + 1], widths[level], 2, stride=2))
+            self.decoders.append(_DoubleConv(2 * widths[level], widths[level], cfg.norm, pad))
+        self.head = nn.Conv3d(widths[0], cfg.num_classes, 1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He initialisation, as the ReLU network wants (nnU-Net and the 3D U-Net paper do the same)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(m.weight, a=1e-2)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, enc in enumerate(self.encoders):
+            x = enc(x)
+            if level < len(self.encoders) - 1:
+                skips.append(x)
+                x = self.pool(x)
+        for up, dec in zip(self.ups, self.decoders):
+            x = up(x)
+            skip = skips.pop()
+            if skip.shape[2:] != x.shape[2:]:
+                skip = _center_crop(skip, tuple(x.shape[2:]))
+            x = dec(torch.cat([skip, x], dim=1))
+        return self.head(x)
+
+
+def size_divisor(cfg: ModelConfig) -> int:
+    """Spatial sizes must be multiples of this with "same" padding (one halving per pooling)."""
+    return 2 ** (cfg.depth - 1)
+
+
+def valid_output_size(cfg: ModelConfig, size: int) -> int:
+    """Output length along one axis for an input of `size` voxels; 0 if the input is too small.
+
+    >>> valid_output_size(ModelConfig(depth=4, padding="valid"), 132)
+    44
+    """
+    if cfg.padding == "same":
+        return size if size % size_divisor(cfg) == 0 else 0
+    for _ in range(cfg.depth - 1):
+        size -= 4
+        if size <= 0 or size % 2:
+            return 0
+        size //= 2
+    size -= 4
+    for _ in range(cfg.depth - 1):
+        size = size * 2 - 4
+        if size <= 0:
+            return 0
+    return max(size, 0)
+
+
+def valid_input_size(cfg: ModelConfig, min_size: int) -> int:
+    """Smallest input length >= `min_size` that the network accepts (any padding)."""
+    size = max(min_size, 1)
+    while valid_output_size(cfg, size) == 0:
+        size += 1
+    return size
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,59 @@
+"""From a dataset's shapes and spacings to a concrete training configuration.
+
+A first, deliberately simple planner: patch covers the median case (capped by a voxel budget that
+depends on the device), depth gives a bottleneck of at least 4 voxels, batch fills the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from volseg.config import Config, DataConfig, InferConfig, ModelConfig, TrainConfig
+
+# Voxels per batch the device digests at a useful pace: 2 x 64^3 is nnU-Net's minimum on a GPU;
+# a 2-core CPU gets less so that an epoch stays in minutes.
+_BATCH_VOXELS = {"cpu": 2 * 48**3, "cuda": 2 * 128**3}
+_MAX_PATCH_VOXELS = {"cpu": 80**3, "cuda": 160**3}
+
+
+def plan_patch(median_shape: Sequence[int], spacing: Sequence[float], max_voxels: int, max_depth: int = 5) -> tuple[tuple[int, int, int], int]:
+    """Patch size (multiple of the pooling divisor) and U-Net depth for a median case shape.
+
+    Shrinks the patch along its physically longest axis until it fits `max_voxels`.
+
+    >>> plan_patch((35, 50, 36), (1, 1, 1), 80**3)
+    ((40, 56, 40), 4)
+    """
+    patch = [int(s) for s in median_shape]
+    extent = [p * s for p, s in zip(patch, spacing)]
+    while np.prod(patch) > max_voxels:
+        axis = int(np.argmax(extent))
+        patch[axis] = max(8, int(patch[axis] * 0.9))
+        extent[axis] = patch[axis] * spacing[axis]
+    depth = max_depth
+    while depth > 2 and min(patch) / 2 ** (depth - 1) < 4:
+        depth -= 1
+    div = 2 ** (depth - 1)
+    patch = [int(np.ceil(p / div) * div) for p in patch]
+    return (patch[0], patch[1], patch[2]), depth
+
+
+def plan_config(
+    data: DataConfig, shapes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]], device_type: str
+) -> Config:
+    """Default config for a dataset on a device ("cpu" or "cuda")."""
+    median_shape = np.median(np.asarray(shapes), axis=0)
+    median_spacing = tuple(float(s) for s in np.median(np.asarray(spacings), axis=0))
+    key = "cuda" if device_type == "cuda" else "cpu"
+    patch, depth = plan_patch(median_shape, median_spacing, _MAX_PATCH_VOXELS[key])
+    batch = int(np.clip(_BATCH_VOXELS[key] // int(np.prod(patch)), 2, 16))
+    base = 32 if key == "cuda" else 16
+    data = DataConfig(**{**data.__dict__, "spacing": median_spacing})
+    return Config(
+        data=data,
+        model=ModelConfig(in_channels=len(data.channel_names), num_classes=data.num_classes, base_width=base, depth=depth),
+        train=TrainConfig(patch_size=patch, batch_size=batch),
+        infer=InferConfig(),
+    )

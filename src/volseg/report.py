@@ -1,0 +1,515 @@
+"""Evaluation tables (per case and label), their summary, and plots for people to look at.
+
+Files are written atomically (a temporary file in the same folder, then `os.replace`), so an
+interrupted run never leaves a half-written CSV, JSON or PNG that looks finished. matplotlib is
+imported inside the plotting functions and drawn on an Agg canvas without pyplot, so importing
+this module stays fast and no global backend is switched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from volseg import io, metrics
+from volseg.errors import VolsegError
+
+CSV_COLUMNS = (
+    "case", "label", "label_name",
+    "dice", "jaccard", "precision", "recall", "hd", "hd95", "n_ref", "n_pred",
+)  # fmt: skip
+SUMMARY_METRICS = ("dice", "jaccard", "precision", "recall", "hd", "hd95")
+GEOMETRY_ATOL = 1e-3  # affine tolerance (mm): float32 headers round-trip with ~1e-6 error
+
+PathLike = str | os.PathLike
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_folders(
+    pred_dir: PathLike,
+    ref_dir: PathLike,
+    labels: dict[int, str] | None,
+    file_ending: str = ".nii.gz",
+    out_csv: PathLike | None = None,
+    workers: int = 1,
+) -> list[dict]:
+    """Score every `<case><file_ending>` in `pred_dir` against the same name in `ref_dir`.
+
+    `labels` maps label value to name; None scores every non-zero value found in any reference
+    (named by its value). Returns one row per case and label, with `CSV_COLUMNS` as keys, sorted
+    by case then label, and writes them to `out_csv` when given. Spacing comes from the reference.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    pairs = _pair_files(pred_dir, ref_dir, file_ending)
+    if workers < 1:
+        raise VolsegError(None, f"workers must be >= 1, got {workers}")
+    wanted = None if labels is None else sorted(int(v) for v in labels)
+    jobs = [(case, str(pred), str(ref), wanted) for case, pred, ref in pairs]
+    results = _run_jobs(jobs, workers)
+
+    if labels is None:
+        found = sorted(set().union(*(ref_values for _, _, ref_values in results)))
+        names = {value: str(value) for value in found}
+    else:
+        names = {int(v): str(n) for v, n in labels.items()}
+    rows = []
+    for case, per_label, _ in sorted(results, key=lambda r: r[0]):
+        missing = [v for v in names if v not in per_label]
+        if missing:  # in neither this prediction nor this reference: "both empty"
+            per_label.update(_both_empty(missing))
+        for value in sorted(names):
+            row: dict[str, Any] = {"case": case, "label": value, "label_name": names[value]}
+            row.update(per_label[value])
+            row["n_ref"] = int(row["n_ref"])
+            row["n_pred"] = int(row["n_pred"])
+            rows.append(row)
+    if out_csv is not None:
+        write_csv_rows(out_csv, rows, CSV_COLUMNS)
+    return rows
+
+
+def _pair_files(pred_dir: Path, ref_dir: Path, file_ending: str) -> list[tuple[str, Path, Path]]:
+    """(case, prediction, reference) for each prediction; every prediction needs a reference."""
+    if not file_ending:
+        raise VolsegError(None, "file_ending must not be empty", "e.g. '.nii.gz'")
+    for folder in (pred_dir, ref_dir):
+        if not folder.is_dir():
+            raise VolsegError(folder, "is not a folder")
+    preds = sorted(
+        p
+        for p in pred_dir.iterdir()
+        if p.name.endswith(file_ending)
+        and len(p.name) > len(file_ending)
+        and not p.name.startswith(".")
+        and p.is_file()
+    )
+    if not preds:
+        raise VolsegError(
+            pred_dir, f"holds no *{file_ending} predictions", "check the folder or --file-ending"
+        )
+    pairs = [(p.name[: -len(file_ending)], p, ref_dir / p.name) for p in preds]
+    missing = [ref.name for _, _, ref in pairs if not ref.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise VolsegError(
+            ref_dir,
+            f"has no reference for {len(missing)} prediction(s): {shown}",
+            "every prediction needs a reference file of the same name",
+        )
+    return pairs
+
+
+def _run_jobs(jobs: list[tuple], workers: int) -> list[tuple[str, dict, set[int]]]:
+    """Evaluate cases in this process or a process pool, with a progress bar over cases."""
+    from tqdm import tqdm
+
+    results = []
+    with tqdm(total=len(jobs), desc="evaluate", unit="case", disable=None) as bar:
+        if workers == 1 or len(jobs) == 1:
+            outcomes: Iterator = map(_evaluate_case_safely, jobs)
+            for outcome in outcomes:
+                results.append(_unwrap(outcome))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+                for outcome in pool.map(_evaluate_case_safely, jobs):
+                    results.append(_unwrap(outcome))
+                    bar.update()
+    return results
+
+
+def _evaluate_case_safely(job: tuple) -> tuple[str, Any]:
+    """Run one case; a VolsegError comes back as data because it does not survive pickling."""
+    try:
+        return "ok", _evaluate_case(*job)
+    except VolsegError as exc:
+        return "error", (exc.path, exc.problem, exc.hint)
+
+
+def _unwrap(outcome: tuple[str, Any]) -> tuple[str, dict, set[int]]:
+    kind, value = outcome
+    if kind == "error":
+        raise VolsegError(*value)
+    return value
+
+
+def _evaluate_case(
+    case: str, pred_path: str, ref_path: str, wanted: list[int] | None
+) -> tuple[str, dict[int, dict[str, float]], set[int]]:
+    """(case, metrics per label, non-zero values in the reference) for one pair of files."""
+    pred = io.read_label(pred_path)
+    ref = io.read_label(ref_path)
+    for volume, path in ((pred, pred_path), (ref, ref_path)):
+        if volume.array.shape[0] != 1:
+            raise VolsegError(path, f"has {volume.array.shape[0]} channels, a label map has one")
+    detail = None
+    if pred.shape != ref.shape:
+        detail = f"shape {pred.shape} vs {ref.shape}"
+    elif not np.allclose(pred.affine, ref.affine, atol=GEOMETRY_ATOL, rtol=0):
+        diff = float(np.max(np.abs(pred.affine - ref.affine)))
+        detail = f"shape {pred.shape} vs {ref.shape}, affines differ by up to {diff:.3g} mm"
+    if detail is not None:
+        raise VolsegError(
+            pred_path,
+            f"geometry differs from {ref_path} ({detail})",
+            "predict on the reference grid or resample the prediction first",
+        )
+    pred_array, ref_array = pred.array[0], ref.array[0]
+    ref_values = _nonzero_values(ref_array)
+    labels = wanted if wanted is not None else sorted(ref_values | _nonzero_values(pred_array))
+    return case, metrics.compute(pred_array, ref_array, ref.spacing, labels), ref_values
+
+
+def _nonzero_values(array: np.ndarray) -> set[int]:
+    """Distinct non-zero values; a bincount (linear) when the values are small and non-negative."""
+    if array.size == 0:
+        return set()
+    low, high = int(array.min()), int(array.max())
+    if low >= 0 and high < 65536:
+        values = np.flatnonzero(np.bincount(array.ravel().astype(np.intp, copy=False)))
+    else:
+        values = np.unique(array)
+    return {int(v) for v in values if v != 0}
+
+
+def _both_empty(values: list[int]) -> dict[int, dict[str, float]]:
+    """metrics' row for labels present in neither mask, from metrics itself (one convention)."""
+    blank = np.zeros((1, 1, 1), dtype=np.int32)
+    return metrics.compute(blank, blank, (1.0, 1.0, 1.0), values)
+
+
+# --------------------------------------------------------------------------------------------------
+# summary
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean, std (population) and median of each metric per label over cases, plus "all".
+
+    "all" holds the mean over labels of the per-label means, so each label counts equally
+    however many cases it appears in. Rows may come straight from `evaluate_folders` or from a
+    CSV (strings are converted); non-finite values are left out of the statistics.
+
+    >>> rows = [{"label": 1, "label_name": "a", "dice": d, "hd95": 2.0} for d in (0.5, 1.0)]
+    >>> s = summarize(rows)
+    >>> s["per_label"]["1"]["dice"], s["all"]["dice"]
+    ({'mean': 0.75, 'std': 0.25, 'median': 0.75}, 0.75)
+    """
+    if not rows:
+        raise VolsegError(None, "no rows to summarise", "was the prediction folder empty?")
+    present = [m for m in SUMMARY_METRICS if any(m in row for row in rows)]
+    by_label: dict[int, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(int(row["label"]), []).append(row)
+    per_label: dict[str, dict] = {}
+    for value in sorted(by_label):
+        label_rows = by_label[value]
+        entry: dict[str, Any] = {
+            "label_name": str(label_rows[0].get("label_name", value)),
+            "n_cases": len(label_rows),
+        }
+        for metric in present:
+            values = np.array([_as_float(r.get(metric)) for r in label_rows], dtype=np.float64)
+            values = values[np.isfinite(values)]
+            if values.size:
+                entry[metric] = {
+                    "mean": float(np.mean(values)),
+                    "std": float(np.std(values)),
+                    "median": float(np.median(values)),
+                }
+        per_label[str(value)] = entry
+    overall: dict[str, Any] = {"n_labels": len(per_label)}
+    for metric in present:
+        means = [e[metric]["mean"] for e in per_label.values() if metric in e]
+        if means:
+            overall[metric] = float(np.mean(means))
+    return {"per_label": per_label, "all": overall}
+
+
+def _as_float(value: Any) -> float:
+    """A metric cell as float; missing or unparsable cells become NaN (then skipped)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of `summarize`'s output: one line per label plus an "all" line.
+
+    Overlap metrics get three decimals, distances (mm) two; "-" marks a metric with no value.
+    """
+    metric_names = [
+        m
+        for m in SUMMARY_METRICS
+        if any(m in e for e in summary["per_label"].values()) or m in summary["all"]
+    ]
+    digits = {m: 2 if m in ("hd", "hd95") else 3 for m in metric_names}
+    header = ["label", "name", "cases"] + [
+        f"{m} (mm)" if m in ("hd", "hd95") else m for m in metric_names
+    ]
+    lines = []
+    for value, entry in summary["per_label"].items():
+        cells = [value, entry["label_name"], str(entry["n_cases"])]
+        for m in metric_names:
+            stats = entry.get(m)
+            cells.append(
+                "-" if stats is None else f"{stats['mean']:.{digits[m]}f} ± {stats['std']:.{digits[m]}f}"
+            )
+        lines.append(cells)
+    overall = summary["all"]
+    lines.append(
+        ["all", "(mean of labels)", ""]
+        + [f"{overall[m]:.{digits[m]}f}" if m in overall else "-" for m in metric_names]
+    )
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule] + [fmt(cells) for cells in lines])
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+
+
+@contextlib.contextmanager
+def _atomic_open(path: PathLike, mode: str) -> Iterator[IO]:
+    """Open ("w" or "wb") a temporary sibling of `path`; move it onto `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    text_kw = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+    try:
+        with open(tmp, mode.replace("w", "x"), **text_kw) as f:  # "x": never clobber a stray file
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically; NaN/inf are refused (they are not JSON)."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    with _atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def write_csv_rows(path: PathLike, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Write `rows` under the header `columns`, atomically; keys outside `columns` are dropped."""
+    with _atomic_open(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+
+
+def _new_figure(width_in: float, height_in: float) -> Any:
+    """A matplotlib Figure on an Agg canvas (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig: Any, out_png: PathLike, dpi: int = 110) -> None:
+    with _atomic_open(out_png, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+
+
+def plot_training_curves(metrics_csv: PathLike, out_png: PathLike) -> None:
+    """Losses and validation Dice per epoch from training's metrics CSV, in two panels.
+
+    Expects columns epoch, train_loss, val_loss, val_dice (seconds and lr are ignored) and
+    draws any `val_dice_<label>` columns too; empty cells (epochs without validation) are gaps.
+    """
+    metrics_csv = Path(metrics_csv)
+    try:
+        with open(metrics_csv, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            records = list(reader)
+    except OSError as exc:
+        raise VolsegError(metrics_csv, f"cannot read ({exc.strerror or exc})") from None
+    needed = ("epoch", "train_loss", "val_loss", "val_dice")
+    absent = [c for c in needed if c not in columns]
+    if absent:
+        raise VolsegError(
+            metrics_csv,
+            f"lacks column(s) {', '.join(absent)}",
+            "expected the metrics CSV that training writes",
+        )
+    if not records:
+        raise VolsegError(metrics_csv, "has no epochs yet")
+
+    def column(name: str) -> np.ndarray:
+        return np.array([_as_float(r.get(name)) for r in records], dtype=np.float64)
+
+    epoch = column("epoch")
+    fig = _new_figure(10.0, 4.0)
+    loss_ax, dice_ax = fig.subplots(1, 2)
+    for name, style in (("train_loss", "-"), ("val_loss", "--")):
+        _plot_series(loss_ax, epoch, column(name), name.replace("_", " "), style)
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("losses")
+    _plot_series(dice_ax, epoch, column("val_dice"), "val dice (mean)", "-", linewidth=2.0)
+    for name in columns:
+        if name.startswith("val_dice_"):
+            _plot_series(dice_ax, epoch, column(name), name[len("val_dice_"):], ":")
+    dice_ax.set_xlabel("epoch")
+    dice_ax.set_ylabel("Dice")
+    dice_ax.set_ylim(-0.02, 1.02)
+    dice_ax.set_title("validation Dice")
+    for ax in (loss_ax, dice_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    _save_png(fig, out_png)
+
+
+def _plot_series(ax: Any, x: np.ndarray, y: np.ndarray, label: str, style: str, **kw: Any) -> None:
+    """Plot the finite points only (with markers, so a single validation epoch still shows)."""
+    finite = np.isfinite(x) & np.isfinite(y)
+    if finite.any():
+        ax.plot(x[finite], y[finite], style, marker=".", label=label, **kw)
+
+
+def plot_overlay(
+    image: np.ndarray,
+    seg: np.ndarray,
+    out_png: PathLike,
+    ref: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str = "",
+) -> None:
+    """Three orthogonal slices through the foreground's centre of mass with label contours.
+
+    `image` is a float array (I, J, K); `seg` (and `ref`) integer arrays of the same shape.
+    Prediction contours are solid, reference contours dashed, in one colour per label; the
+    slices go through the centre of mass of `ref` if given, else of `seg`, else the centre.
+    Pixels are drawn with their physical aspect ratio from `spacing`.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    seg = np.asarray(seg)
+    if image.ndim != 3:
+        raise VolsegError(None, f"image must be (I, J, K), got shape {image.shape}", "pass image[c]")
+    for name, array in (("seg", seg), ("ref", ref)):
+        if array is not None and np.shape(array) != image.shape:
+            raise VolsegError(
+                None, f"{name} shape {np.shape(array)} differs from image shape {image.shape}"
+            )
+    spacing_mm = tuple(float(s) for s in spacing)
+    if len(spacing_mm) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing_mm):
+        raise VolsegError(None, f"spacing must be 3 positive numbers (mm), got {tuple(spacing)}")
+    ref = None if ref is None else np.asarray(ref)
+    centre = _centre_vox(ref if ref is not None and np.any(ref) else seg)
+    values = sorted(_nonzero_values(seg) | (set() if ref is None else _nonzero_values(ref)))
+
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    palette = colormaps["tab10"]
+    colours = {value: palette(i % 10) for i, value in enumerate(values)}
+    finite = image[np.isfinite(image)]
+    low, high = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
+    fig = _new_figure(12.0, 4.6)
+    axes = fig.subplots(1, 3)
+    for axis, ax in enumerate(axes):
+        # Slice at `axis`; rows and columns are the two remaining axes in order.
+        rows_axis, cols_axis = [a for a in range(3) if a != axis]
+        index = [slice(None)] * 3
+        index[axis] = centre[axis]
+        index = tuple(index)
+        ax.imshow(
+            image[index], cmap="gray", vmin=low, vmax=high, interpolation="nearest",
+            aspect=spacing_mm[rows_axis] / spacing_mm[cols_axis], origin="lower",
+        )  # fmt: skip
+        for array, style in ((seg, "solid"), (ref, "dashed")):
+            if array is None:
+                continue
+            plane = array[index]
+            if min(plane.shape) < 2:
+                continue  # matplotlib cannot contour a single row
+            for value in values:
+                mask = plane == value
+                if mask.any():
+                    ax.contour(
+                        mask.astype(np.float32), levels=[0.5], colors=[colours[value]],
+                        linestyles=style, linewidths=1.2,
+                    )  # fmt: skip
+        names = "IJK"
+        ax.set_title(f"{names[axis]} = {centre[axis]}")
+        ax.set_xlabel(names[cols_axis])
+        ax.set_ylabel(names[rows_axis])
+        ax.tick_params(labelsize="small")
+    handles = []
+    for value in values:
+        handles.append(Line2D([], [], color=colours[value], linestyle="solid", label=f"{value} pred"))
+        if ref is not None:
+            handles.append(
+                Line2D([], [], color=colours[value], linestyle="dashed", label=f"{value} ref")
+            )
+    if handles:
+        fig.legend(handles=handles, loc="outside right center", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    _save_png(fig, out_png)
+
+
+def _centre_vox(labels_array: np.ndarray) -> tuple[int, int, int]:
+    """Rounded centre of mass of the non-zero voxels, or the volume centre if there are none."""
+    coords = np.nonzero(labels_array)
+    if coords[0].size == 0:
+        return tuple(n // 2 for n in labels_array.shape)  # type: ignore[return-value]
+    return tuple(int(round(float(np.mean(c)))) for c in coords)  # type: ignore[return-value]
+
+
+def plot_metric_boxes(rows: Sequence[dict], out_png: PathLike, metric: str = "dice") -> None:
+    """One box (with the cases as dots) per label for `metric` over cases."""
+    if metric not in SUMMARY_METRICS:
+        raise VolsegError(None, f"unknown metric {metric!r}", f"choose from {', '.join(SUMMARY_METRICS)}")
+    if not rows:
+        raise VolsegError(None, "no rows to plot", "was the prediction folder empty?")
+    groups: dict[int, tuple[str, list[float]]] = {}
+    for row in rows:
+        value = int(row["label"])
+        name, values = groups.setdefault(value, (str(row.get("label_name", value)), []))
+        number = _as_float(row.get(metric))
+        if math.isfinite(number):
+            values.append(number)
+    order = sorted(groups)
+    data = [groups[v][1] for v in order]
+    names = [f"{v} {groups[v][0]}" if groups[v][0] != str(v) else str(v) for v in order]
+    fig = _new_figure(max(4.0, 1.0 + 0.9 * len(order)), 4.0)
+    ax = fig.subplots()
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(order) + 1), names, rotation=30 if len(order) > 4 else 0)
+    for position, values in enumerate(data, start=1):
+        jitter = np.linspace(-0.08, 0.08, len(values)) if len(values) > 1 else np.zeros(len(values))
+        ax.plot(position + jitter, values, ".", color="black", alpha=0.6)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per label ({len(rows)} rows)")
+    ax.grid(axis="y", alpha=0.3)
+    _save_png(fig, out_png)
