@@ -97,12 +97,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     """The plain `torch.nn.Module` (logits out, eval mode) and its config, from a file or run folder."""
     tensors, cfg, _ = read_model_file(path)
     model = UNet3d(cfg.model)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
         raise VolsegError(
             resolve_model_path(path),
-            f"weights do not match the architecture in its config (missing {len(missing)}, unexpected {len(unexpected)})",
+            "weights do not match the architecture in its config "
+            f"(missing {len(missing)}, unexpected {len(unexpected)}, wrong shape {len(wrong)})",
         )
+    model.load_state_dict(tensors)
     return model.to(device).eval(), cfg
 
 

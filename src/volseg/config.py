@@ -137,7 +137,37 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     unknown = set(values) - set(names)
     if unknown:
         raise TypeError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-    return cls(**{k: _tuplify(v) for k, v in values.items()})
+    defaults = cls()
+    out = {}
+    for key, value in values.items():
+        value = _tuplify(value)
+        _check_type(f"{cls.__name__}.{key}", value, getattr(defaults, key))
+        out[key] = value
+    return cls(**out)
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """Reject values whose JSON type differs from the field's default (a string depth, say)."""
+    if value is None:
+        if default is None or name.endswith("ignore_label"):
+            return
+        raise TypeError(f"{name} must not be null")
+    if name.endswith("ignore_label"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, tuple)
+    else:
+        ok = True
+    if not ok:
+        raise TypeError(f"{name} has the wrong type ({type(value).__name__}: {value!r})")
 
 
 def _tuplify(value: Any) -> Any:

@@ -75,7 +75,7 @@ def sliding_window(
     acc = torch.zeros((num_classes, *padded), dtype=torch.float32, device=device)
     norm = torch.zeros(padded, dtype=torch.float32, device=device)
     starts = sliding_window_grid(padded, out_patch, overlap)
-    image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    image_t = torch.from_numpy(np.require(image, np.float32, ["C", "W"]))  # memmaps are read-only
     iterator = range(0, len(starts), batch_size)
     if progress:
         from tqdm import tqdm

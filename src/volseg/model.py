@@ -95,6 +95,13 @@ class UNet3d(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.padding == "same":
+            div = size_divisor(self.cfg)
+            if any(s % div for s in x.shape[2:]):
+                raise VolsegError(
+                    None, f"input size {tuple(x.shape[2:])} is not a multiple of {div} (depth {self.cfg.depth})",
+                    "pad the input or use volseg.inference.sliding_window",
+                )
         skips = []
         for level, enc in enumerate(self.encoders):
             x = enc(x)

@@ -26,17 +26,25 @@ def plan_patch(median_shape: Sequence[int], spacing: Sequence[float], max_voxels
     >>> plan_patch((35, 50, 36), (1, 1, 1), 80**3)
     ((40, 56, 40), 4)
     """
-    patch = [int(s) for s in median_shape]
+    floor = 8
+    patch = [max(int(s), 1) for s in median_shape]
     extent = [p * s for p, s in zip(patch, spacing)]
     while np.prod(patch) > max_voxels:
-        axis = int(np.argmax(extent))
-        patch[axis] = max(8, int(patch[axis] * 0.9))
+        shrinkable = [a for a in range(3) if patch[a] > floor]
+        if not shrinkable:
+            break
+        axis = max(shrinkable, key=lambda a: extent[a])
+        patch[axis] = max(floor, int(patch[axis] * 0.9))
         extent[axis] = patch[axis] * spacing[axis]
     depth = max_depth
     while depth > 2 and min(patch) / 2 ** (depth - 1) < 4:
         depth -= 1
     div = 2 ** (depth - 1)
-    patch = [int(np.ceil(p / div) * div) for p in patch]
+    rounded = [int(np.ceil(p / div) * div) for p in patch]
+    if np.prod(rounded) > max_voxels:
+        # rounding up would undo the budget: round down instead, never below one divisor
+        rounded = [max(div, p // div * div) for p in patch]
+    patch = rounded
     return (patch[0], patch[1], patch[2]), depth
 
 

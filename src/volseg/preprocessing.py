@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from volseg.errors import VolsegError
+
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "none")
 
 
@@ -31,6 +33,8 @@ def zscore(image: np.ndarray, nonzero: bool = False) -> np.ndarray:
 
 def normalize(image: np.ndarray, method: str) -> np.ndarray:
     """Apply the config's normalisation by name."""
+    if method not in NORMALIZATIONS:
+        raise VolsegError(None, f"unknown normalisation {method!r}", f"use one of {', '.join(NORMALIZATIONS)}")
     if method == "none":
         return np.asarray(image, dtype=np.float32)
     return zscore(image, nonzero=method == "zscore_nonzero")
