@@ -1,5 +1,6 @@
 """The package's one-way import order (STYLE.md section 2), checked by import-linter's contracts."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_contracts_hold() -> None:
     exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONIOENCODING": "utf-8"}
     result = subprocess.run(
-        [exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True,
-        env={"PYTHONPATH": str(ROOT / "src"), "PATH": str(Path(sys.executable).parent)},
+        [exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout

@@ -165,6 +165,33 @@ def synth(
 
 
 @app.command()
+def sparsify(
+    dataset: Annotated[Path, typer.Argument(help="densely labelled nnU-Net-layout dataset")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="sparse dataset folder to create")],
+    slices_per_axis: Annotated[Optional[int], typer.Option(help="labelled slices kept on each chosen axis")] = None,
+    axes: Annotated[str, typer.Option(help="axes to keep slices on, any of 0,1,2 (I, J, K)")] = "0,1,2",
+    strategy: Annotated[str, typer.Option(help="even or random slice positions")] = "even",
+    fraction: Annotated[Optional[float], typer.Option(help="instead of K slices: this fraction of each axis's slices")] = None,
+    seed: Annotated[int, typer.Option(help="seed for random slice positions")] = 0,
+    copy_images: Annotated[bool, typer.Option("--copy-images", help="copy images instead of linking them")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")] = False,
+) -> None:
+    """Write a sparsely labelled copy of a dataset: a few whole slices labelled, the rest `ignore`."""
+    from volseg.sparsify import sparsify_dataset
+
+    if slices_per_axis is None and fraction is None:
+        raise VolsegError(None, "give --slices-per-axis K or --fraction F")
+    try:
+        axis_tuple = tuple(int(a) for a in axes.split(","))
+    except ValueError:
+        raise VolsegError(None, f"--axes must be comma-separated axis numbers, got {axes!r}") from None
+    result = sparsify_dataset(dataset, output, slices_per_axis, axis_tuple, strategy, seed, fraction,
+                              copy_images=copy_images, overwrite=overwrite)
+    _echo(f"wrote {output}: {100 * result['labelled_fraction']:.2f}% of voxels labelled "
+          f"(ignore label {result['ignore_label']})")
+
+
+@app.command()
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output", help="demo folder (re-created on each run)")] = Path("volseg_demo"),
     minutes: Annotated[float, typer.Option(help="training budget")] = 2.5,
@@ -242,24 +269,12 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning `VolsegError` into one line on stderr and exit code 2."""
+    """Entry point: click handles help and usage errors (exit 2); `VolsegError` becomes one line, exit 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="volseg")
     except VolsegError as exc:
         typer.echo(f"volseg: error: {exc.message}", err=True)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click's usage errors arrive here too
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise

@@ -35,11 +35,12 @@ class CaseData:
     weight: np.ndarray | None  # (I, J, K) uint8, 0 = unlabelled; None when every voxel is labelled
     fg_voxels: dict[int, np.ndarray]  # class index -> (N, 3) labelled voxel positions of that class
     spacing: tuple[float, float, float]
+    labelled_voxels: np.ndarray | None = None  # (N, 3) sample of labelled positions; None = all labelled
 
 
 def _cache_key(data: DataConfig) -> str:
     return json.dumps(
-        {"norm": data.normalization, "classes": data.class_values, "ignore": data.ignore_label, "v": 1}
+        {"norm": data.normalization, "classes": data.class_values, "ignore": data.ignore_label, "v": 2}
     )
 
 
@@ -61,6 +62,12 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
             if len(pos) > _MAX_FG_VOXELS:
                 pos = pos[rng.choice(len(pos), _MAX_FG_VOXELS, replace=False)]
             fg[f"c{c}"] = pos
+        if not known.all():
+            # sparse labels: remember where annotation exists so that no patch misses it
+            pos = np.argwhere(known > 0).astype(np.int32)
+            if len(pos) > _MAX_FG_VOXELS:
+                pos = pos[rng.choice(len(pos), _MAX_FG_VOXELS, replace=False)]
+            fg["labelled"] = pos
         cache_dir.mkdir(parents=True, exist_ok=True)
         _save_npy(stem.with_name(case.case_id + "_image.npy"), normalize(image.array, data.normalization))
         _save_npy(stem.with_name(case.case_id + "_label.npy"), index)
@@ -71,7 +78,8 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
         key_file.write_text(json.dumps({"key": key, "spacing": list(image.spacing), "all_labelled": bool(known.all())}))
     meta = json.loads(key_file.read_text())
     with np.load(stem.with_name(case.case_id + "_fg.npz"), allow_pickle=False) as f:
-        fg_voxels = {int(k[1:]): f[k] for k in f.files}
+        fg_voxels = {int(k[1:]): f[k] for k in f.files if k.startswith("c")}
+        labelled = f["labelled"] if "labelled" in f.files else None
     return CaseData(
         case_id=case.case_id,
         image=np.load(stem.with_name(case.case_id + "_image.npy"), mmap_mode="r"),
@@ -79,6 +87,7 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
         weight=None if meta["all_labelled"] else np.load(stem.with_name(case.case_id + "_weight.npy"), mmap_mode="r"),
         fg_voxels=fg_voxels,
         spacing=tuple(meta["spacing"]),
+        labelled_voxels=labelled,
     )
 
 
@@ -93,13 +102,17 @@ def sample_patch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One (image, class-index, weight) patch; `force_fg` centres it on a random labelled object voxel.
 
-    Padding outside the volume gets weight 0: the network is not taught what lies beyond the scan.
+    With sparse labels, patches not forced onto foreground are centred on a random labelled voxel,
+    so no patch is wasted on a region without annotation. Padding outside the volume gets weight 0: the network
+    is not taught what lies beyond the scan.
     """
     center = None
     classes = [c for c, pos in case.fg_voxels.items() if len(pos)]
     if force_fg and classes:
         pos = case.fg_voxels[classes[rng.integers(len(classes))]]
         center = pos[rng.integers(len(pos))]
+    elif case.labelled_voxels is not None and len(case.labelled_voxels):
+        center = case.labelled_voxels[rng.integers(len(case.labelled_voxels))]
     shape = case.label.shape
     start = random_patch_start(shape, patch, rng, center)
     x = crop_pad(case.image, start, patch)

@@ -69,3 +69,55 @@ def decode_labels(index: np.ndarray, class_values: tuple[int, ...]) -> np.ndarra
     lut = np.asarray(class_values)
     dtype = np.uint8 if lut.max(initial=0) < 256 and lut.min(initial=0) >= 0 else np.int16
     return lut.astype(dtype)[index]
+
+
+def slice_indices(size: int, k: int, strategy: str, rng: np.random.Generator | None = None) -> list[int]:
+    """Which `k` of `size` slices to keep along one axis: evenly spread, or drawn at random.
+
+    "even" places slices at the centres of k equal bins, so a single slice is the middle one.
+
+    >>> slice_indices(36, 1, "even"), slice_indices(36, 4, "even")
+    ([18], [4, 13, 22, 31])
+    """
+    k = max(0, min(int(k), size))
+    if k == 0:
+        return []
+    if strategy == "even":
+        return sorted({int((i + 0.5) * size / k) for i in range(k)})
+    if strategy == "random":
+        if rng is None:
+            raise ValueError("strategy 'random' needs an rng")
+        return sorted(int(i) for i in rng.choice(size, k, replace=False))
+    raise VolsegError(None, f"unknown slice strategy {strategy!r}", "use even or random")
+
+
+def sparse_slice_mask(
+    shape: tuple[int, int, int],
+    slices_per_axis: int | None = None,
+    axes: tuple[int, ...] = (0, 1, 2),
+    strategy: str = "even",
+    rng: np.random.Generator | None = None,
+    fraction: float | None = None,
+) -> np.ndarray:
+    """Boolean (I, J, K) mask of the voxels an annotator would label: whole slices along `axes`.
+
+    Either `slices_per_axis` slices on each of `axes` (orthogonal planes, as in the 3D U-Net paper),
+    or `fraction` of the slices of each axis (at least one).
+
+    >>> m = sparse_slice_mask((4, 5, 6), slices_per_axis=1, axes=(2,))
+    >>> m.sum() == 4 * 5, m[:, :, 3].all()
+    (np.True_, np.True_)
+    """
+    if (slices_per_axis is None) == (fraction is None):
+        raise VolsegError(None, "give either slices per axis or a fraction of slices")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise VolsegError(None, f"fraction must be in (0, 1], got {fraction}")
+    if any(a not in (0, 1, 2) for a in axes) or not axes:
+        raise VolsegError(None, f"axes must be a non-empty subset of 0, 1, 2; got {axes}")
+    mask = np.zeros(shape, dtype=bool)
+    for axis in sorted(set(axes)):
+        k = slices_per_axis if fraction is None else max(1, round(fraction * shape[axis]))
+        index = [slice(None)] * 3
+        index[axis] = slice_indices(shape[axis], k, strategy, rng)
+        mask[tuple(index)] = True
+    return mask

@@ -30,6 +30,7 @@ from volseg.inference import output_window, resolve_device, sliding_window
 from volseg.losses import get_loss
 from volseg.model import UNet3d
 from volseg.planning import plan_config
+from volseg.preprocessing import encode_labels
 
 METRICS_CSV = "metrics.csv"
 CONFIG_JSON = "config.json"
@@ -87,8 +88,18 @@ def data_config_from_dataset(info: io.DatasetInfo) -> DataConfig:
 
 
 @torch.inference_mode()
-def validate(model: torch.nn.Module, cfg: Config, cases: list[CaseData], device: torch.device) -> dict[str, float]:
-    """Whole-volume sliding-window validation: loss and Dice per class on labelled voxels only."""
+def validate(
+    model: torch.nn.Module,
+    cfg: Config,
+    cases: list[CaseData],
+    device: torch.device,
+    dense: dict[str, np.ndarray] | None = None,
+) -> dict[str, float]:
+    """Whole-volume sliding-window validation: loss and Dice per class on labelled voxels only.
+
+    `dense` maps case ids to dense class-index labels (a sparsified experiment): then the Dice
+    against the dense truth is reported too, as `val_dense_dice`.
+    """
     was_training = model.training
     model.eval()
     loss_fn = get_loss(cfg.train.loss)
@@ -96,6 +107,8 @@ def validate(model: torch.nn.Module, cfg: Config, cases: list[CaseData], device:
     n_cls = cfg.model.num_classes
     inter = np.zeros(n_cls)
     total = np.zeros(n_cls)
+    dense_inter = np.zeros(n_cls)
+    dense_total = np.zeros(n_cls)
     losses = []
     for case in cases:
         probs = sliding_window(
@@ -113,6 +126,12 @@ def validate(model: torch.nn.Module, cfg: Config, cases: list[CaseData], device:
             p, r = (pred == c) & labelled, (label == c) & labelled
             inter[c] += np.count_nonzero(p & r)
             total[c] += np.count_nonzero(p) + np.count_nonzero(r)
+        if dense is not None and case.case_id in dense:
+            truth = dense[case.case_id]
+            for c in range(1, n_cls):
+                p, r = pred == c, truth == c
+                dense_inter[c] += np.count_nonzero(p & r)
+                dense_total[c] += np.count_nonzero(p) + np.count_nonzero(r)
     model.train(was_training)
     result = {"val_loss": float(np.mean(losses))}
     dices = []
@@ -121,6 +140,9 @@ def validate(model: torch.nn.Module, cfg: Config, cases: list[CaseData], device:
         result[f"val_dice_{cfg.data.class_values[c]}"] = float(d)
         dices.append(d)
     result["val_dice"] = float(np.mean(dices)) if dices else 1.0
+    if dense is not None and dense_total.sum() > 0:
+        per = [2 * dense_inter[c] / dense_total[c] if dense_total[c] > 0 else 1.0 for c in range(1, n_cls)]
+        result["val_dense_dice"] = float(np.mean(per))
     return result
 
 
@@ -202,15 +224,18 @@ def train(
             cfg.data, [c.label.shape for c in prepared.values()], [c.spacing for c in prepared.values()], dev.type
         )
         cfg = _apply_overrides(cfg, overrides or {}, seed, max_minutes)
-    elif max_minutes is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_minutes=max_minutes))
+    else:
+        cfg = _resume_overrides(cfg, overrides or {}, max_minutes)
     tc = cfg.train
     output_window(cfg, tc.patch_size)  # refuse a patch the network cannot take before any work
     train_ids, val_ids = split_cases(list(prepared), tc.val_fraction, tc.seed)
     _atomic_text(out / CONFIG_JSON, cfg.to_json())
     _atomic_text(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids}, indent=1))
-    train_cases = [prepared[i] for i in train_ids]
+    train_cases = [c for c in (prepared[i] for i in train_ids) if c.labelled_voxels is None or len(c.labelled_voxels)]
+    if not train_cases:
+        raise VolsegError(dataset, "no training case has any labelled voxel")
     val_cases = [prepared[i] for i in val_ids]
+    dense = _dense_labels(Path(dataset), val_cases, cfg.data)
 
     # ---- model and optimiser -----------------------------------------------------------------
     torch.manual_seed(tc.seed)
@@ -268,7 +293,7 @@ def train(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 step += 1
                 if bar is not None:
                     bar.update()
@@ -287,7 +312,7 @@ def train(
             if bar is not None:
                 bar.close()
         tv = time.monotonic()
-        val = validate(model, cfg, val_cases, dev)
+        val = validate(model, cfg, val_cases, dev, dense)
         val_s = time.monotonic() - tv
         epoch += 1
         train_s = tv - epoch_start
@@ -342,6 +367,19 @@ def train(
     }
 
 
+def _dense_labels(dataset: Path, cases: list[CaseData], data: DataConfig) -> dict[str, np.ndarray] | None:
+    """Dense truth of validation cases when the dataset was made by `volseg sparsify`."""
+    folder = dataset / "labelsTr_dense"
+    if not folder.is_dir():
+        return None
+    dense = {}
+    for case in cases:
+        path = folder / f"{case.case_id}{data.file_ending}"
+        if path.exists():
+            dense[case.case_id] = encode_labels(io.read_label(path).array[0], data.class_values)[0]
+    return dense
+
+
 def _crop_target(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """Centre-crop targets to a valid-padding network's smaller output."""
     sl = [slice(None)]
@@ -349,6 +387,23 @@ def _crop_target(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
         s = (have - want) // 2
         sl.append(slice(s, s + want))
     return t[tuple(sl)]
+
+
+_RESUMABLE = {"max_epochs", "max_minutes", "patience", "min_delta"}
+
+
+def _resume_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], max_minutes: float | None) -> Config:
+    """On resume only the stopping rules may change; data, model and patch settings are fixed."""
+    values = {k: v for section in overrides.values() for k, v in section.items() if v is not None}
+    fixed = set(values) - _RESUMABLE
+    if fixed:
+        raise VolsegError(
+            None, f"cannot change {', '.join(sorted(fixed))} when resuming",
+            "only --max-epochs, --max-minutes and --patience may change; start a new run otherwise",
+        )
+    if max_minutes is not None:
+        values["max_minutes"] = max_minutes
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **values))
 
 
 def _apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], seed: int | None, max_minutes: float | None) -> Config:
