@@ -15,51 +15,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Dataset004_Hippocampus"
-
-
-def split_dataset(data: Path, out: Path, test_fraction: float, seed: int) -> tuple[Path, Path, Path, int, int]:
-    """Symlink a training dataset and a held-out test set (images + labels) into `out`."""
-    info = json.loads((data / "dataset.json").read_text())
-    ending = info.get("file_ending", ".nii.gz")
-    labels = sorted((data / "labelsTr").glob(f"*{ending}"))
-    ids = sorted(p.name[: -len(ending)] for p in labels)
-    perm = np.random.default_rng(seed).permutation(len(ids))
-    n_test = round(test_fraction * len(ids))
-    test = {ids[i] for i in perm[:n_test]}
-    train_ds, test_img, test_lbl = out / "train_dataset", out / "test_images", out / "test_labels"
-    for d in (train_ds / "imagesTr", train_ds / "labelsTr", test_img, test_lbl):
-        d.mkdir(parents=True, exist_ok=True)
-    for image in sorted((data / "imagesTr").glob(f"*{ending}")):
-        case = image.name[: -len(ending)].rsplit("_", 1)[0]
-        (test_img if case in test else train_ds / "imagesTr").joinpath(image.name).symlink_to(image.resolve())
-    for label in labels:
-        case = label.name[: -len(ending)]
-        (test_lbl if case in test else train_ds / "labelsTr").joinpath(label.name).symlink_to(label.resolve())
-    info["numTraining"] = len(ids) - n_test
-    (train_ds / "dataset.json").write_text(json.dumps(info, indent=2))
-    return train_ds, test_img, test_lbl, len(ids) - n_test, n_test
-
-
-def run(cmd: list[str]) -> float:
-    """Run one volseg command, streaming its output; return its wall time in seconds."""
-    print("$", " ".join(cmd), flush=True)
-    t = time.monotonic()
-    subprocess.run(cmd, check=True)
-    return time.monotonic() - t
+from _common import SHARED_DATA, VOLSEG, dice_per_class, run, split_dataset
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "Dataset004_Hippocampus")
     parser.add_argument("--minutes", type=float, default=20.0, help="training wall-time budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2)
@@ -71,7 +37,7 @@ def main() -> None:
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"{args.out}: exists; remove it or pass another --out")
     train_ds, test_img, test_lbl, n_train, n_test = split_dataset(args.data, args.out, args.test_fraction, args.seed)
-    volseg = [sys.executable, "-m", "volseg"]
+    volseg = VOLSEG
     run_dir, pred = args.out / "run", args.out / "predictions"
     train_s = run(volseg + ["train", str(train_ds), "-o", str(run_dir), "--max-minutes", str(args.minutes),
                             "--seed", str(args.seed), *args.extra.split()])
@@ -79,11 +45,7 @@ def main() -> None:
     metrics = args.out / "metrics.csv"
     run(volseg + ["evaluate", str(pred), str(test_lbl), "-o", str(metrics),
                   "--dataset-json", str(train_ds / "dataset.json")])
-    per_class: dict[str, list[float]] = defaultdict(list)
-    with open(metrics) as fh:
-        for row in csv.DictReader(fh):
-            per_class[row["label_name"]].append(float(row["dice"]))
-    dice = {name: round(float(np.mean(v)), 4) for name, v in per_class.items()}
+    dice = dice_per_class(metrics)
     curve = []
     with open(run_dir / "metrics.csv") as fh:
         for row in csv.DictReader(fh):
