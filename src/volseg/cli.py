@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input (one line on stderr), 1 a bug (traceback).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -72,6 +73,8 @@ def train(
 
     summary = run_training(dataset, output, max_minutes=max_minutes, seed=seed, device=device,
                            overrides=overrides, resume=resume, progress=not quiet, on_epoch=plot)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     _echo(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['epochs']} epochs "
           f"({summary['minutes']:.1f} min, stopped: {summary['stop_reason']}); model in {output}")
 
@@ -101,8 +104,9 @@ def evaluate(
     dataset_json: Annotated[Optional[Path], typer.Option(help="dataset.json for label names (default: next to REF)")] = None,
     workers: Annotated[int, typer.Option(help="parallel processes")] = 1,
     plot: Annotated[bool, typer.Option(help="also write a box plot PNG next to the CSV")] = True,
+    nsd_tolerance_mm: Annotated[float, typer.Option(help="surface Dice (NSD) tolerance in mm")] = 1.0,
 ) -> None:
-    """Dice, Jaccard, precision, recall, HD and HD95 (mm) per case and label."""
+    """Dice, Jaccard, precision, recall, volume difference, HD, HD95, ASSD and NSD (mm) per case and label."""
     from volseg import io, report
 
     labels = None
@@ -114,8 +118,10 @@ def evaluate(
         ending = info.file_ending
     elif dataset_json is not None:
         raise VolsegError(dataset_json, "file not found")
-    rows = report.evaluate_folders(pred, ref, labels, file_ending=ending, out_csv=output, workers=workers)
+    rows = report.evaluate_folders(pred, ref, labels, file_ending=ending, out_csv=output, workers=workers,
+                                   nsd_tolerance_mm=nsd_tolerance_mm)
     summary = report.summarize(rows)
+    summary["nsd_tolerance_mm"] = nsd_tolerance_mm
     report.write_json(output.with_suffix(".summary.json"), summary)
     if plot:
         report.plot_metric_boxes(rows, output.with_suffix(".png"))

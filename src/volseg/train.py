@@ -38,6 +38,69 @@ SPLIT_JSON = "split.json"
 EpochCallback = Callable[[Path, dict[str, Any]], None]
 
 
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun) and the few collectives used.
+
+    Every rank trains on its own random patches; gradients are averaged by DistributedDataParallel.
+    Decisions that must agree (stop now, learning rate, epoch length) go through `max_`, and
+    validation sums through `sum_`, so all ranks take the same branch.
+    """
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> torch.device:
+        """Join the process group (NCCL on GPUs, gloo on CPUs); one GPU per local rank."""
+        if not self.enabled:
+            return device
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+
+    def _reduce(self, values: np.ndarray, op: str) -> np.ndarray:
+        if not self.enabled:
+            return values
+        import torch.distributed as dist
+
+        t = torch.as_tensor(np.asarray(values, dtype=np.float64))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.numpy()
+
+    def max_(self, values: Any) -> np.ndarray:
+        return self._reduce(np.atleast_1d(np.asarray(values, dtype=np.float64)), "max")
+
+    def sum_(self, values: Any) -> np.ndarray:
+        return self._reduce(np.atleast_1d(np.asarray(values, dtype=np.float64)), "sum")
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def stop(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def tune_allocator() -> bool:
     """Keep freed training buffers in the heap instead of returning them to the OS.
 
@@ -94,12 +157,16 @@ def validate(
     cases: list[CaseData],
     device: torch.device,
     dense: dict[str, np.ndarray] | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, float]:
     """Whole-volume sliding-window validation: loss and Dice per class on labelled voxels only.
 
     `dense` maps case ids to dense class-index labels (a sparsified experiment): then the Dice
-    against the dense truth is reported too, as `val_dense_dice`.
+    against the dense truth is reported too, as `val_dense_dice`. Under torchrun each rank scores
+    its share of `cases` and the sums are combined, so every rank returns the same numbers.
     """
+    dist = dist or Dist()
+    cases = cases[dist.rank :: dist.world]
     was_training = model.training
     model.eval()
     loss_fn = get_loss(cfg.train.loss)
@@ -133,7 +200,10 @@ def validate(
                 dense_inter[c] += np.count_nonzero(p & r)
                 dense_total[c] += np.count_nonzero(p) + np.count_nonzero(r)
     model.train(was_training)
-    result = {"val_loss": float(np.mean(losses))}
+    sums = dist.sum_(np.concatenate([[sum(losses), len(losses)], inter, total, dense_inter, dense_total]))
+    (loss_sum, n_cases), sums = sums[:2], sums[2:]
+    inter, total, dense_inter, dense_total = np.split(sums, 4)
+    result = {"val_loss": float(loss_sum / max(n_cases, 1))}
     dices = []
     for c in range(1, n_cls):
         d = 2 * inter[c] / total[c] if total[c] > 0 else 1.0
@@ -192,9 +262,30 @@ def train(
     """
     t0 = time.monotonic()
     out = Path(out_dir)
-    dev = resolve_device(device)
+    dist = Dist()
+    dev = dist.start(resolve_device(device))
     if dev.type == "cpu":
         tune_allocator()
+    progress = progress and dist.main
+    try:
+        return _train(dataset, out, dist, dev, t0, max_minutes, seed, overrides, resume, progress, on_epoch)
+    finally:
+        dist.stop()
+
+
+def _train(
+    dataset: str | Path,
+    out: Path,
+    dist: Dist,
+    dev: torch.device,
+    t0: float,
+    max_minutes: float | None,
+    seed: int | None,
+    overrides: dict[str, dict[str, Any]] | None,
+    resume: bool,
+    progress: bool,
+    on_epoch: EpochCallback | None,
+) -> dict[str, Any]:
     info, cases = io.read_dataset(dataset)
     missing = [c.case_id for c in cases if c.label is None]
     if missing:
@@ -217,7 +308,11 @@ def train(
         from tqdm import tqdm
 
         iterator = tqdm(cases, desc="preprocess", unit="case", leave=False, disable=None)
+    if not dist.main:
+        dist.barrier()  # rank 0 fills the cache first; the others then only read it
     prepared = {c.case_id: preprocess_case(c, cfg.data, cache) for c in iterator}
+    if dist.main:
+        dist.barrier()
 
     if not resume:
         cfg = plan_config(
@@ -229,8 +324,9 @@ def train(
     tc = cfg.train
     output_window(cfg, tc.patch_size)  # refuse a patch the network cannot take before any work
     train_ids, val_ids = split_cases(list(prepared), tc.val_fraction, tc.seed)
-    _atomic_text(out / CONFIG_JSON, cfg.to_json())
-    _atomic_text(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids}, indent=1))
+    if dist.main:
+        _atomic_text(out / CONFIG_JSON, cfg.to_json())
+        _atomic_text(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids}, indent=1))
     train_cases = [c for c in (prepared[i] for i in train_ids) if c.labelled_voxels is None or len(c.labelled_voxels)]
     if not train_cases:
         raise VolsegError(dataset, "no training case has any labelled voxel")
@@ -239,7 +335,12 @@ def train(
 
     # ---- model and optimiser -----------------------------------------------------------------
     torch.manual_seed(tc.seed)
-    model = UNet3d(cfg.model).to(dev)
+    net = UNet3d(cfg.model).to(dev)
+    model: torch.nn.Module = net
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay
     )
@@ -249,7 +350,7 @@ def train(
     iters = tc.iters_per_epoch
     if resume:
         tensors, _, _ = read_model_file(out / MODEL_LAST)
-        model.load_state_dict(tensors)
+        net.load_state_dict(tensors)
         state, _ = load_train_state(state_file, optimizer)
         epoch, spent_s, best, stale = state["epoch"], state["spent_s"], state["best"], state["stale"]
         best_loss, iters, history = state["best_loss"], state["iters"], state["history"]
@@ -263,11 +364,11 @@ def train(
     stop_reason = "max_epochs"
     model.train()
     while epoch < tc.max_epochs:
-        stream = BatchStream(train_cases, tc.patch_size, tc.batch_size, np.random.default_rng([tc.seed, epoch]),
+        stream = BatchStream(train_cases, tc.patch_size, tc.batch_size, np.random.default_rng([tc.seed, epoch, dist.rank]),
                              tc.foreground_fraction, tc.mirror)
         epoch_start = time.monotonic()
         losses, wait_s = [], 0.0
-        step = 0
+        step, over_budget = 0, False
         bar = None
         if progress:
             from tqdm import tqdm
@@ -275,7 +376,10 @@ def train(
             bar = tqdm(total=iters or None, desc=f"epoch {epoch}", unit="it", leave=False, disable=None)
         try:
             while True:
-                elapsed = time.monotonic() - run_start
+                # one collective per step keeps the clocks (LR) and the stop decision identical on all ranks
+                elapsed, over_budget = dist.max_([time.monotonic() - run_start, over_budget])
+                if step and (over_budget or (iters and step >= iters)):
+                    break
                 frac = max(epoch / tc.max_epochs, elapsed / budget_s if budget_s > 0 else 0)
                 lr = poly_lr(tc.lr, frac, tc.poly_exponent)
                 for g in optimizer.param_groups:
@@ -301,18 +405,16 @@ def train(
                 if iters == 0 and step == 3:
                     # auto epoch length: about 1/30 of the budget, so curves have points and plateaus show
                     step_s = (time.monotonic() - epoch_start) / step
-                    iters = int(np.clip(budget_s / 30 / max(step_s, 1e-3), 10, 250))
+                    iters = int(dist.max_(np.clip(budget_s / 30 / max(step_s, 1e-3), 10, 250))[0])
                     if bar is not None:
                         bar.total = iters
                 over_budget = time.monotonic() - run_start + val_s * 1.2 > budget_s
-                if (iters and step >= iters) or over_budget:
-                    break
         finally:
             stream.close()
             if bar is not None:
                 bar.close()
         tv = time.monotonic()
-        val = validate(model, cfg, val_cases, dev, dense)
+        val = validate(net, cfg, val_cases, dev, dense, dist)
         val_s = time.monotonic() - tv
         epoch += 1
         train_s = tv - epoch_start
@@ -328,19 +430,21 @@ def train(
         improved = val["val_dice"] > best
         if improved:
             best = val["val_dice"]
-            save_model(out / MODEL_BEST, model, cfg, {"epoch": epoch, **val})
+            if dist.main:
+                save_model(out / MODEL_BEST, net, cfg, {"epoch": epoch, **val})
         if val["val_loss"] < best_loss - tc.min_delta:
             best_loss, stale = val["val_loss"], 0
         else:
             stale += 1
-        save_model(out / MODEL_LAST, model, cfg, {"epoch": epoch, **val})
-        state = {
-            "epoch": epoch, "spent_s": time.monotonic() - run_start, "best": best, "stale": stale,
-            "best_loss": best_loss, "iters": iters, "history": history,
-            "torch_rng": torch.get_rng_state().tolist(),
-        }
-        save_train_state(state_file, optimizer, state, {})
-        _write_metrics(out / METRICS_CSV, history)
+        if dist.main:
+            save_model(out / MODEL_LAST, net, cfg, {"epoch": epoch, **val})
+            state = {
+                "epoch": epoch, "spent_s": time.monotonic() - run_start, "best": best, "stale": stale,
+                "best_loss": best_loss, "iters": iters, "history": history,
+                "torch_rng": torch.get_rng_state().tolist(), "world_size": dist.world,
+            }
+            save_train_state(state_file, optimizer, state, {})
+            _write_metrics(out / METRICS_CSV, history)
         if progress:
             from tqdm import tqdm
 
@@ -350,12 +454,12 @@ def train(
                 f"val Dice {val['val_dice']:.4f} ({per_class})  {'*best* ' if improved else ''}"
                 f"[{row['seconds'] / 60:.1f} / {tc.max_minutes:g} min]"
             )
-        if on_epoch:
+        if on_epoch and dist.main:
             on_epoch(out, row)
         if tc.patience and stale >= tc.patience:
             stop_reason = "plateau"
             break
-        if time.monotonic() - run_start + val_s * 1.2 + 1 > budget_s:
+        if dist.max_(time.monotonic() - run_start + val_s * 1.2 + 1 > budget_s)[0]:
             stop_reason = "time"
             break
     return {

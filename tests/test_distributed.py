@@ -1,0 +1,44 @@
+"""Two CPU processes under torchrun (gloo) train together and write the usual model files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import volseg
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tiny_dataset: Path, tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "volseg", "train", str(tiny_dataset),
+         "-o", str(run), "--max-epochs", "2", "--iters-per-epoch", "3", "--patch-size", "16,16,16",
+         "--batch-size", "2", "--base-width", "4", "--depth", "3", "--quiet", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("best validation Dice") == 1  # only rank 0 reports
+    with open(run / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    state = run / "train_state.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(state), "pt") as f:
+        assert '"world_size": 2' in f.metadata()["state"]
+    model, cfg = volseg.load_model(run)
+    assert cfg.model.base_width == 4 and cfg.train.patch_size == (16, 16, 16)
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, 16, 16, 16))
+    assert out.shape == (1, cfg.model.num_classes, 16, 16, 16)
+    assert not any(k.startswith("module.") for k in model.state_dict())
