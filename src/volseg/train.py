@@ -497,12 +497,26 @@ _RESUMABLE = {"max_epochs", "max_minutes", "patience", "min_delta"}
 
 
 def _resume_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], max_minutes: float | None) -> Config:
-    """On resume only the stopping rules may change; data, model and patch settings are fixed."""
-    values = {k: v for section in overrides.values() for k, v in section.items() if v is not None}
-    fixed = set(values) - _RESUMABLE
-    if fixed:
+    """On resume only the stopping rules may change; data, model and patch settings must stay.
+
+    Repeating the original command line with `--resume` is fine: values equal to the saved ones
+    are not changes.
+    """
+    values: dict[str, Any] = {}
+    changed = []
+    for name, section in overrides.items():
+        current = getattr(cfg, name, None)
+        for key, value in section.items():
+            if value is None:
+                continue
+            value = tuple(value) if isinstance(value, list) else value
+            if key in _RESUMABLE and name == "train":
+                values[key] = value
+            elif current is None or not hasattr(current, key) or getattr(current, key) != value:
+                changed.append(key)
+    if changed:
         raise VolsegError(
-            None, f"cannot change {', '.join(sorted(fixed))} when resuming",
+            None, f"cannot change {', '.join(sorted(changed))} when resuming",
             "only --max-epochs, --max-minutes and --patience may change; start a new run otherwise",
         )
     if max_minutes is not None:
