@@ -296,6 +296,10 @@ def _train(
     if not resume and (out / MODEL_LAST).exists():
         raise VolsegError(out, "already holds a trained model", "use --resume to continue it or choose another -o folder")
     out.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        for stale_tmp in out.glob(".*.tmp*"):  # left by a process killed mid-write; the real files are intact
+            if stale_tmp.is_file():
+                stale_tmp.unlink(missing_ok=True)
 
     # ---- data -------------------------------------------------------------------------------
     if resume:
