@@ -52,6 +52,8 @@ def train(
     depth: Annotated[Optional[int], typer.Option(help="resolution levels of the U-Net")] = None,
     norm: Annotated[Optional[str], typer.Option(help="instance, batch or none")] = None,
     normalization: Annotated[Optional[str], typer.Option(help="zscore, zscore_nonzero or none")] = None,
+    fold: Annotated[Optional[int], typer.Option(help="cross-validation fold to validate on (0-based)")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="number of cross-validation folds (with --fold)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
     """Train a 3D U-Net on every case of DATASET (a validation split is taken inside)."""
@@ -62,7 +64,7 @@ def train(
         "train": {
             "patch_size": _parse_triple(patch_size, "--patch-size") if patch_size else None,
             "batch_size": batch_size, "max_epochs": max_epochs, "iters_per_epoch": iters_per_epoch,
-            "patience": patience, "lr": lr, "loss": loss,
+            "patience": patience, "lr": lr, "loss": loss, "fold": fold, "folds": folds,
         },
         "model": {"base_width": base_width, "depth": depth, "norm": norm},
         "data": {"normalization": normalization},
@@ -86,13 +88,18 @@ def predict(
     output: Annotated[Path, typer.Option("-o", "--output", help="output file or folder")],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     skip_existing: Annotated[bool, typer.Option("--continue", help="skip cases whose output already exists")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace outputs that already exist")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
-    """Segment images with a trained model; outputs keep the input's geometry."""
+    """Segment images with a trained model; outputs keep the input's geometry.
+
+    Existing outputs are refused unless --overwrite; --continue resumes an interrupted folder run.
+    """
     from volseg.inference import predict_paths
 
     t = time.monotonic()
-    written = predict_paths(model, input, output, device=device, overwrite=not skip_existing, progress=not quiet)
+    written = predict_paths(model, input, output, device=device, overwrite=overwrite, skip_existing=skip_existing,
+                            progress=not quiet)
     _echo(f"wrote {len(written)} segmentation(s) to {output} in {time.monotonic() - t:.1f} s")
 
 

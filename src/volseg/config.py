@@ -74,6 +74,8 @@ class TrainConfig:
     foreground_fraction: float = 0.33
     mirror: bool = True
     val_fraction: float = 0.2
+    fold: int | None = None  # cross-validation: validate on fold `fold` of `folds` (None: val_fraction split)
+    folds: int = 5
     patience: int = 0  # epochs without val-loss improvement before stopping; 0 = never stop early
     min_delta: float = 1e-4
     seed: int = 0
@@ -149,10 +151,10 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
 def _check_type(name: str, value: Any, default: Any) -> None:
     """Reject values whose JSON type differs from the field's default (a string depth, say)."""
     if value is None:
-        if default is None or name.endswith("ignore_label"):
+        if default is None or name.endswith(("ignore_label", ".fold")):
             return
         raise TypeError(f"{name} must not be null")
-    if name.endswith("ignore_label"):
+    if name.endswith(("ignore_label", ".fold")):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, bool):
         ok = isinstance(value, bool)

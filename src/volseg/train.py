@@ -121,9 +121,27 @@ def tune_allocator() -> bool:
         return False
 
 
-def split_cases(case_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split by case (same seed, same split on every machine)."""
+def split_cases(
+    case_ids: list[str], val_fraction: float, seed: int, fold: int | None = None, folds: int = 5
+) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split by case (same seed, same split on every machine).
+
+    With `fold`, the cases are dealt into `folds` disjoint folds (seeded permutation) and fold
+    `fold` validates: the folds of one seed cover every case exactly once.
+
+    >>> ids = ["a", "b", "c", "d"]
+    >>> sorted(split_cases(ids, 0.2, 0, fold=0, folds=2)[1] + split_cases(ids, 0.2, 0, fold=1, folds=2)[1])
+    ['a', 'b', 'c', 'd']
+    """
     ids = sorted(case_ids)
+    if fold is not None:
+        if not 0 <= fold < folds or folds < 2:
+            raise VolsegError(None, f"fold {fold} of {folds} does not exist", f"use 0 <= fold < folds, folds >= 2")
+        if len(ids) < folds:
+            raise VolsegError(None, f"{len(ids)} cases cannot make {folds} folds")
+        perm = np.random.default_rng(seed).permutation(len(ids))
+        val = sorted(ids[i] for i in perm[fold::folds])
+        return [i for i in ids if i not in set(val)], val
     if len(ids) < 2:
         return ids, ids  # one case: validate on the training case rather than on nothing
     n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
@@ -327,7 +345,7 @@ def _train(
         cfg = _resume_overrides(cfg, overrides or {}, max_minutes)
     tc = cfg.train
     output_window(cfg, tc.patch_size)  # refuse a patch the network cannot take before any work
-    train_ids, val_ids = split_cases(list(prepared), tc.val_fraction, tc.seed)
+    train_ids, val_ids = split_cases(list(prepared), tc.val_fraction, tc.seed, tc.fold, tc.folds)
     if dist.main:
         _atomic_text(out / CONFIG_JSON, cfg.to_json())
         _atomic_text(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids}, indent=1))
