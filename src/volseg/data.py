@@ -19,7 +19,7 @@ import torch
 from volseg import io
 from volseg.config import DataConfig
 from volseg.errors import VolsegError
-from volseg.preprocessing import encode_labels, normalize
+from volseg.preprocessing import encode_labels, needs_resampling, normalize, resample_image, resample_labels
 from volseg.sampling import crop_pad, random_patch_start
 
 _MAX_FG_VOXELS = 20_000  # per class and case: enough positions to oversample from
@@ -40,7 +40,8 @@ class CaseData:
 
 def _cache_key(data: DataConfig) -> str:
     return json.dumps(
-        {"norm": data.normalization, "classes": data.class_values, "ignore": data.ignore_label, "v": 2}
+        {"norm": data.normalization, "classes": data.class_values, "ignore": data.ignore_label,
+         "spacing": data.spacing, "v": 3}
     )
 
 
@@ -54,6 +55,13 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
         label = io.read_label(case.label).array[0] if case.label is not None else None
         if label is None:
             raise VolsegError(case.images[0], f"training case {case.case_id} has no label file")
+        if label.shape != image.shape:
+            raise VolsegError(case.label, f"label shape {label.shape} differs from image shape {image.shape}")
+        pixels, spacing = image.array, image.spacing
+        if needs_resampling(spacing, data.spacing):
+            pixels = resample_image(pixels, spacing, data.spacing)
+            label = resample_labels(label, pixels.shape[1:])
+            spacing = data.spacing
         index, known = encode_labels(label, data.class_values, data.ignore_label)
         rng = np.random.default_rng(0)
         fg = {}
@@ -69,13 +77,13 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
                 pos = pos[rng.choice(len(pos), _MAX_FG_VOXELS, replace=False)]
             fg["labelled"] = pos
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _save_npy(stem.with_name(case.case_id + "_image.npy"), normalize(image.array, data.normalization))
+        _save_npy(stem.with_name(case.case_id + "_image.npy"), normalize(pixels, data.normalization))
         _save_npy(stem.with_name(case.case_id + "_label.npy"), index)
         _save_npy(stem.with_name(case.case_id + "_weight.npy"), known)
         tmp = stem.with_name(case.case_id + "_fg.tmp.npz")
         np.savez(tmp, **fg)
         tmp.replace(stem.with_name(case.case_id + "_fg.npz"))
-        key_file.write_text(json.dumps({"key": key, "spacing": list(image.spacing), "all_labelled": bool(known.all())}))
+        key_file.write_text(json.dumps({"key": key, "spacing": list(spacing), "all_labelled": bool(known.all())}))
     meta = json.loads(key_file.read_text())
     with np.load(stem.with_name(case.case_id + "_fg.npz"), allow_pickle=False) as f:
         fg_voxels = {int(k[1:]): f[k] for k in f.files if k.startswith("c")}

@@ -16,7 +16,13 @@ from volseg import io
 from volseg.config import Config
 from volseg.errors import VolsegError
 from volseg.model import valid_output_size
-from volseg.preprocessing import decode_labels, normalize
+from volseg.preprocessing import (
+    decode_labels,
+    needs_resampling,
+    normalize,
+    resample_image,
+    resample_probabilities,
+)
 from volseg.sampling import crop_pad, gaussian_importance, sliding_window_grid
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -140,8 +146,18 @@ def predict_probabilities(
 def predict_volume(
     model: torch.nn.Module, cfg: Config, volume: io.Volume, device: torch.device | str = "cpu"
 ) -> np.ndarray:
-    """Segmentation (I, J, K) in the dataset's label values, on the input's voxel grid."""
-    probs = predict_probabilities(model, cfg, volume.array, device)
+    """Segmentation (I, J, K) in the dataset's label values, on the input's voxel grid.
+
+    An image whose spacing differs from the training spacing is resampled to it, predicted there,
+    and the probabilities are resampled back to the input grid before the argmax.
+    """
+    image = volume.array
+    resample = needs_resampling(volume.spacing, cfg.data.spacing)
+    if resample:
+        image = resample_image(image, volume.spacing, cfg.data.spacing)
+    probs = predict_probabilities(model, cfg, image, device)
+    if resample:
+        probs = resample_probabilities(probs, volume.shape)
     return decode_labels(probs.argmax(0), cfg.data.class_values)
 
 
@@ -150,18 +166,27 @@ def predict_paths(
     inputs: str | Path,
     output: str | Path,
     device: str = "auto",
-    overwrite: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
+    skip_existing: bool = False,
 ) -> list[Path]:
-    """`volseg predict`: a file or an nnU-Net-named folder in, `<case><ending>` segmentations out."""
+    """`volseg predict`: a file or an nnU-Net-named folder in, `<case><ending>` segmentations out.
+
+    An output that already exists is refused before any work (a good result is never replaced by
+    accident) unless `overwrite`; `skip_existing` (`--continue`) keeps it and predicts only the
+    missing cases, after removing temporaries a killed run left behind. Returns the written paths.
+    """
     from volseg.checkpoint import load_model
 
+    if overwrite and skip_existing:
+        raise VolsegError(None, "--overwrite and --continue exclude each other", "pass one of them")
     dev = resolve_device(device)
     model, cfg = load_model(model_path, dev)
     inputs, output = Path(inputs), Path(output)
     ending = cfg.data.file_ending
-    if inputs.is_dir() and not _is_dicom_dir(inputs):
-        jobs = [(c.images, Path(output) / f"{c.case_id}{ending}") for c in io.list_cases(inputs, ending, cfg.model.in_channels)]
+    is_folder = inputs.is_dir() and not _is_dicom_dir(inputs)
+    if is_folder:
+        jobs = [(c.images, output / f"{c.case_id}{ending}") for c in io.list_cases(inputs, ending, cfg.model.in_channels)]
     elif inputs.exists():
         if cfg.model.in_channels != 1:
             raise VolsegError(inputs, f"the model needs {cfg.model.in_channels} channels", "pass a folder of <case>_<CCCC> files")
@@ -169,26 +194,70 @@ def predict_paths(
         jobs = [((inputs,), target)]
     else:
         raise VolsegError(inputs, "input not found")
-    written = []
+    _check_output_folder(jobs)
+    existing = [target for _, target in jobs if target.exists()]
+    if existing and not (overwrite or skip_existing):
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise VolsegError(
+            existing[0],
+            f"output already exists{more}",
+            "pass --overwrite to replace or --continue to skip existing outputs",
+        )
+    if skip_existing:
+        for folder in {target.parent for _, target in jobs}:
+            io.remove_stale_temporaries(folder)
+        jobs = [(images, target) for images, target in jobs if not target.exists()]
+    written: list[Path] = []
     bar = None
     if progress and len(jobs) > 1:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="predict", unit="case", disable=None)
-    for images, target in jobs:
-        if target.exists() and not overwrite:
+    try:
+        for images, target in jobs:
+            try:
+                volume = io.read_image(images)
+                _refuse_non_finite(volume, images)
+                seg = predict_volume(model, cfg, volume, dev)
+                io.write_volume(target, seg, reference=volume)
+            except VolsegError as exc:
+                if not (is_folder and written):
+                    raise
+                resume = f"{len(written)} case(s) done; fix this one and rerun with --continue"
+                raise VolsegError(exc.path, exc.problem, f"{exc.hint}; {resume}" if exc.hint else resume) from None
+            written.append(target)
             if bar:
                 bar.update()
-            continue
-        volume = io.read_image(images)
-        seg = predict_volume(model, cfg, volume, dev)
-        io.write_volume(target, seg, reference=volume)
-        written.append(target)
+    finally:
         if bar:
-            bar.update()
-    if bar:
-        bar.close()
+            bar.close()
     return written
+
+
+def _check_output_folder(jobs: list[tuple[Sequence[Path], Path]]) -> None:
+    """Refuse an output "folder" that is a file before any case is predicted."""
+    for _, target in jobs:
+        for parent in (target.parent, *target.parent.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise VolsegError(
+                        parent, "is a file, but the outputs go into a folder there", "give a folder as -o"
+                    )
+                break
+
+
+def _refuse_non_finite(volume: io.Volume, images: Sequence[Path]) -> None:
+    """NaN/Inf voxels poison the normalisation and every window that sees them: refuse, do not guess."""
+    if not np.issubdtype(volume.array.dtype, np.floating):
+        return
+    for channel, path in zip(volume.array, images):
+        n_bad = int(channel.size - np.count_nonzero(np.isfinite(channel)))
+        if n_bad:
+            raise VolsegError(
+                path,
+                f"has {n_bad} NaN or Inf voxels; refusing to predict on them",
+                "replace them, e.g. with the image minimum, before predicting",
+            )
 
 
 _IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")

@@ -13,7 +13,10 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,12 +135,16 @@ def case_output_path(out_dir: str | os.PathLike, case_id: str, file_ending: str)
 def _short_reason(exc: BaseException, path: str | os.PathLike | None = None) -> str:
     """One line out of a library exception, without the file name the message already starts with.
 
-    SimpleITK's messages span several lines and name C++ source files: keep the ERROR line only.
+    SimpleITK's messages span several lines and name C++ source files: keep the ERROR line only,
+    plus the innermost cause when that line ends in a colon (NRRD's "Error reading <file>:").
     """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines if "ERROR:" in line]
+    errors = [i for i, line in enumerate(lines) if "ERROR:" in line]
     if errors:
-        text = errors[-1].split("ERROR:", 1)[1].strip()
+        text = lines[errors[-1]].split("ERROR:", 1)[1].strip()
+        text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)  # "MetaImageIO(0x55d9...): " says nothing
+        if text.endswith(":") and errors[-1] + 1 < len(lines):
+            text += " " + re.sub(r"^\[\w+\]\s*", "", lines[-1])  # "[nrrd] ...: expected 4004 bytes but ..."
     else:
         text = " ".join(lines) or type(exc).__name__
     if path is not None:
@@ -230,14 +237,50 @@ def _volume_from_itk(image: sitk.Image, path: Path, metadata: dict[str, str]) ->
     return Volume(array[np.newaxis], affine, header, str(path))
 
 
-def _read_itk_file(path: Path) -> Volume:
+@contextmanager
+def _native_stderr_caught() -> Iterator[list[str]]:
+    """Catch what C++ code prints to file descriptor 2 while the block runs.
+
+    ITK's MetaImage and NRRD readers report a truncated file on `std::cerr` before they raise, out of
+    Python's reach: without this a bad file gives stray lines around our one-line message. The
+    lines land in the yielded list; the caller decides whether they explain an error or are echoed.
+    """
+    lines: list[str] = []
     try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        image = reader.Execute()
-        metadata = {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (embedded interpreter)
+        yield lines
+        return
+    sink = tempfile.TemporaryFile()
+    try:
+        os.dup2(sink.fileno(), 2)
+        yield lines
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        sink.seek(0)
+        text = sink.read().decode("utf-8", errors="replace")
+        sink.close()
+        lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _read_itk_file(path: Path) -> Volume:
+    caught: list[str] = []
+    try:
+        with _native_stderr_caught() as caught:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            image = reader.Execute()
+            metadata = {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
     except Exception as exc:
+        if caught:  # ITK's own explanation, e.g. "data not read completely" for a truncated file
+            reason = " ".join(" ".join(caught).split())
+            reason = reason if len(reason) <= 200 else reason[:197] + "..."
+            raise VolsegError(path, f"cannot read image: {reason}", "the file may be truncated or damaged") from None
         raise VolsegError(path, f"cannot read image: {_short_reason(exc, path)}") from None
+    if caught:  # a successful read with warnings: pass them on rather than swallow them
+        print("\n".join(caught), file=sys.stderr)
     return _volume_from_itk(image, path, metadata)
 
 
@@ -273,6 +316,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
     if not path.exists():
         raise VolsegError(path, "file does not exist")
     ending = image_ending(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise VolsegError(path, "is an empty file (0 bytes)")
     if ending in NIFTI_ENDINGS:
         return _read_nifti(path)
     if ending in ITK_ENDINGS:
@@ -296,7 +341,67 @@ def read_image(paths: Sequence[str | os.PathLike]) -> Volume:
     return Volume(array, first.affine, first.header, first.path)
 
 
-def _alignment_problem(volume: Volume, reference: Volume, atol: float, what: str) -> str | None:
+@dataclass(frozen=True)
+class _Grid:
+    """Shape and affine of a file read from its header alone: enough to compare voxel grids."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    path: str
+
+
+def _header_grid(path: Path) -> _Grid | None:
+    """The voxel grid a file's header declares, without reading its voxels; None when the header
+    does not describe a plain 3D volume (the full read then gives the precise error)."""
+    ending = image_ending(path)
+    try:
+        if ending in NIFTI_ENDINGS:
+            image = nib.load(str(path))  # lazy: only the header is read
+            shape = tuple(int(n) for n in image.shape)
+            affine = np.asarray(image.affine, dtype=np.float64)
+        elif ending in ITK_ENDINGS:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            with _native_stderr_caught():
+                reader.ReadImageInformation()
+            if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+                return None
+            shape = tuple(int(n) for n in reader.GetSize())
+            affine = _itk_to_affine(reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection())
+        else:
+            return None
+    except Exception:  # unreadable: reported by whoever reads the voxels
+        return None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return _Grid(shape, affine, str(path)) if len(shape) == 3 else None
+
+
+def _grid_problems(cases: Sequence[Case]) -> list[str]:
+    """Channels or labels off their case's voxel grid, found from the headers (cheap enough to run
+    before every training: a misaligned label would otherwise be cropped against the wrong voxels)."""
+    problems = []
+    for case in cases:
+        reference = _header_grid(case.images[0])
+        if reference is None:
+            continue
+        for path in case.images[1:]:
+            grid = _header_grid(path)
+            problem = grid and _alignment_problem(grid, reference, _CHANNEL_AFFINE_ATOL, "channel 0")
+            if problem:
+                problems.append(VolsegError(path, problem).message)
+        if case.label is not None:
+            grid = _header_grid(case.label)
+            problem = grid and _alignment_problem(grid, reference, _LABEL_AFFINE_ATOL, "the image")
+            if problem:
+                problems.append(VolsegError(case.label, problem, _ON_GRID_HINT).message)
+    return problems
+
+
+_ON_GRID_HINT = "labels must lie on the voxel grid of their image"
+
+
+def _alignment_problem(volume: Volume | _Grid, reference: Volume | _Grid, atol: float, what: str) -> str | None:
     """Why `volume` does not sit on the same voxel grid as `reference`, or None."""
     if volume.shape != reference.shape:
         return f"shape {volume.shape} differs from {what} ({reference.path}) shape {reference.shape}"
@@ -462,7 +567,10 @@ def write_volume(
         raise ValueError(f"affine must be 4x4, got shape {geometry.shape}")
     _check_geometry(geometry, path)
     writer = _write_nifti if ending in NIFTI_ENDINGS else _write_itk
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission, no space
+        raise VolsegError(path.parent, f"cannot create the output folder: {exc.strerror or exc}") from None
     if ending in DETACHED_ENDINGS:
         _write_detached_atomically(path, lambda target: writer(target, array, geometry, reference))
     else:
@@ -478,8 +586,53 @@ def _write_atomically(path: Path, ending: str, write: Any) -> None:
     except BaseException as exc:
         temporary.unlink(missing_ok=True)
         if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, VolsegError):
-            raise VolsegError(path, f"cannot write: {_short_reason(exc)}") from None
+            raise VolsegError(path, f"cannot write: {_write_reason(exc)}") from None
         raise
+
+
+def _write_reason(exc: BaseException) -> str:
+    """"No space left on device" rather than errno digits and the temporary file's name."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _short_reason(exc)
+
+
+_TEMPORARY_NAME = re.compile(r"\..+\.tmp-(\d+)(\.[A-Za-z.]+)?")  # ours: `.<stem>.tmp-<pid><ending>`
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and folders `write_volume` left in `folder` when its process died.
+
+    A process killed while writing (SIGKILL, power loss) cannot clean up; its temporaries carry its
+    process id, so those of processes still running (another writer into the same folder) are kept.
+    Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMPORARY_NAME.fullmatch(entry.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or cannot tell: leave its files alone
+    return True
 
 
 def _write_detached_atomically(path: Path, write: Any) -> None:
@@ -496,7 +649,7 @@ def _write_detached_atomically(path: Path, write: Any) -> None:
     except BaseException as exc:
         shutil.rmtree(folder, ignore_errors=True)
         if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, VolsegError):
-            raise VolsegError(path, f"cannot write: {_short_reason(exc)}") from None
+            raise VolsegError(path, f"cannot write: {_write_reason(exc)}") from None
         raise
 
 
@@ -731,7 +884,35 @@ def read_dataset(root: str | os.PathLike) -> tuple[DatasetInfo, list[Case]]:
     if not (root / "imagesTr").is_dir():
         raise VolsegError(root, "has no imagesTr folder", "the nnU-Net v2 raw layout puts training images there")
     cases = list_cases(root / "imagesTr", info.file_ending, len(info.channel_names), root / "labelsTr")
+    problems = _grid_problems(cases)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise VolsegError(None, problems[0] + more)
     return info, cases
+
+
+def read_case(case: Case, declared: Sequence[int] | set[int] | None = None) -> tuple[Volume, Volume | None]:
+    """Image `(C, I, J, K)` and label `(1, I, J, K)` of one case, refusing a label off the image grid.
+
+    A label of another shape or affine would be cropped against the wrong voxels without any error,
+    so training must not start on it. With `declared` (the dataset.json values, `ignore`
+    included), label values outside it are refused too.
+    """
+    image = read_image(case.images)
+    if case.label is None:
+        return image, None
+    label = read_label(case.label)
+    problem = _alignment_problem(label, image, _LABEL_AFFINE_ATOL, "the image")
+    if problem:
+        raise VolsegError(case.label, problem, _ON_GRID_HINT)
+    if declared is not None:
+        undeclared = sorted(set(_label_values(label.array).tolist()) - set(declared))
+        if undeclared:
+            raise VolsegError(
+                case.label,
+                f"holds label values {undeclared} not declared in dataset.json (declared {sorted(declared)})",
+            )
+    return image, label
 
 
 def _label_values(array: np.ndarray) -> np.ndarray:
@@ -817,3 +998,14 @@ def check_dataset(root: str | os.PathLike) -> list[str]:
     for case in cases:
         problems += _check_case(case, declared)
     return problems
+
+
+def read_grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], tuple[float, float, float]] | None:
+    """Shape and spacing from a file's header alone (no voxels read); None if the header can't say.
+
+    Planning uses this to choose a target spacing before any image is loaded.
+    """
+    grid = _header_grid(Path(path))
+    if grid is None:
+        return None
+    return (grid.shape[0], grid.shape[1], grid.shape[2]), affine_spacing(grid.affine)

@@ -48,12 +48,33 @@ def plan_patch(median_shape: Sequence[int], spacing: Sequence[float], max_voxels
     return (patch[0], patch[1], patch[2]), depth
 
 
+def plan_spacing(spacings: Sequence[Sequence[float]], anisotropy_ratio: float = 3.0) -> tuple[float, float, float]:
+    """Target spacing: the median per axis; a strongly thick axis gets its 10th percentile instead.
+
+    Resampling every case to the median keeps physical sizes consistent across scanners. When the
+    median is very anisotropic (thick slices), nnU-Net's rule is followed: use a finer percentile for
+    the thick axis, but never finer than the in-plane spacing.
+
+    >>> plan_spacing([(1, 1, 1), (1, 1, 1.2), (0.9, 0.9, 1)])
+    (1.0, 1.0, 1.0)
+    >>> plan_spacing([(0.5, 0.5, 5), (0.5, 0.5, 3), (0.5, 0.5, 6)])
+    (0.5, 0.5, 3.4)
+    """
+    arr = np.asarray(spacings, dtype=np.float64)
+    target = np.median(arr, axis=0)
+    thick = int(np.argmax(target))
+    others = [a for a in range(3) if a != thick]
+    if target[thick] / target[others].min() > anisotropy_ratio:
+        target[thick] = max(float(np.percentile(arr[:, thick], 10)), float(target[others].max()))
+    return tuple(round(float(t), 6) for t in target)  # type: ignore[return-value]
+
+
 def plan_config(
     data: DataConfig, shapes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]], device_type: str
 ) -> Config:
     """Default config for a dataset on a device ("cpu" or "cuda")."""
     median_shape = np.median(np.asarray(shapes), axis=0)
-    median_spacing = tuple(float(s) for s in np.median(np.asarray(spacings), axis=0))
+    median_spacing = data.spacing if data.spacing else tuple(float(s) for s in np.median(np.asarray(spacings), axis=0))
     key = "cuda" if device_type == "cuda" else "cpu"
     patch, depth = plan_patch(median_shape, median_spacing, _MAX_PATCH_VOXELS[key])
     batch = int(np.clip(_BATCH_VOXELS[key] // int(np.prod(patch)), 2, 16))

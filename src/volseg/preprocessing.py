@@ -121,3 +121,76 @@ def sparse_slice_mask(
         index[axis] = slice_indices(shape[axis], k, strategy, rng)
         mask[tuple(index)] = True
     return mask
+
+
+ANISOTROPY_RATIO = 3.0  # thick axis / thin axis above which the thick axis is treated separately
+
+
+def needs_resampling(spacing: tuple[float, ...], target: tuple[float, ...], tolerance: float = 0.05) -> bool:
+    """True when any axis differs from the target spacing by more than `tolerance` (relative).
+
+    >>> needs_resampling((1.0, 1.0, 1.02), (1, 1, 1)), needs_resampling((0.5, 0.5, 3), (1, 1, 3))
+    (False, True)
+    """
+    return any(abs(s - t) > tolerance * t for s, t in zip(spacing, target))
+
+
+def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, int, int]:
+    """Voxel counts covering the same physical extent at the target spacing.
+
+    >>> resampled_shape((100, 100, 20), (0.5, 0.5, 5.0), (1.0, 1.0, 2.5))
+    (50, 50, 40)
+    """
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))  # type: ignore[return-value]
+
+
+def _zoom_axes(array: np.ndarray, out_shape: tuple[int, ...], order: int, axes: tuple[int, ...]) -> np.ndarray:
+    """Resample the last three axes of `array` to `out_shape`, only along `axes`, with one spline order."""
+    from scipy import ndimage
+
+    in_shape = array.shape[-3:]
+    target = [in_shape[a] if a not in axes else out_shape[a] for a in range(3)]
+    if tuple(target) == tuple(in_shape):
+        return array
+    factors = [t / n for t, n in zip(target, in_shape)]
+    lead = array.shape[:-3]
+    flat = array.reshape(-1, *in_shape)
+    out = np.empty((flat.shape[0], *target), dtype=array.dtype)
+    for i, channel in enumerate(flat):
+        out[i] = ndimage.zoom(channel, factors, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
+    return out.reshape(*lead, *target)
+
+
+def _thick_axis(spacing: tuple[float, ...], target: tuple[float, ...]) -> int | None:
+    """The axis sampled so coarsely (source or target) that interpolating across it invents anatomy."""
+    for sp in (spacing, target):
+        if max(sp) / min(sp) > ANISOTROPY_RATIO:
+            return int(np.argmax(sp))
+    return None
+
+
+def resample_image(
+    image: np.ndarray, spacing: tuple[float, ...], target: tuple[float, ...], out_shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Resample a (C, I, J, K) image to the target spacing: cubic in-plane, linear across a thick axis.
+
+    Like nnU-Net, strongly anisotropic data are not interpolated with a cubic spline across
+    their thick slices (that overshoots between distant slices).
+    """
+    out_shape = out_shape or resampled_shape(image.shape[1:], spacing, target)
+    thick = _thick_axis(spacing, target)
+    image = np.asarray(image, dtype=np.float32)
+    if thick is None:
+        return _zoom_axes(image, out_shape, 3, (0, 1, 2))
+    plane = tuple(a for a in range(3) if a != thick)
+    return _zoom_axes(_zoom_axes(image, out_shape, 3, plane), out_shape, 1, (thick,))
+
+
+def resample_labels(label: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resampling of an (I, J, K) integer array: never invents label values."""
+    return _zoom_axes(np.asarray(label), out_shape, 0, (0, 1, 2))
+
+
+def resample_probabilities(probs: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    """Linear resampling of (C, I, J, K) class probabilities back to the input grid, one class at a time."""
+    return _zoom_axes(np.asarray(probs, dtype=np.float32), out_shape, 1, (0, 1, 2))

@@ -29,7 +29,7 @@ from volseg.errors import VolsegError
 from volseg.inference import output_window, resolve_device, sliding_window
 from volseg.losses import get_loss
 from volseg.model import UNet3d
-from volseg.planning import plan_config
+from volseg.planning import plan_config, plan_spacing
 from volseg.preprocessing import encode_labels
 
 METRICS_CSV = "metrics.csv"
@@ -323,7 +323,7 @@ def _train(
     if resume:
         _, cfg, _ = read_model_file(out / MODEL_LAST)
     else:
-        cfg = Config(data=data_config_from_dataset(info))
+        cfg = Config(data=dataclasses.replace(data_config_from_dataset(info), spacing=_target_spacing(cases)))
     cache = out / "preprocessed"
     iterator = cases
     if progress:
@@ -491,6 +491,15 @@ def _train(
         "stop_reason": stop_reason,
         "run_dir": str(out),
     }
+
+
+def _target_spacing(cases: list[io.Case]) -> tuple[float, float, float]:
+    """Plan the training spacing from file headers, before any voxel is read."""
+    spacings = []
+    for case in cases:
+        grid = io.read_grid(case.images[0])
+        spacings.append(grid[1] if grid is not None else io.read_volume(case.images[0]).spacing)
+    return plan_spacing(spacings)
 
 
 def _dense_labels(dataset: Path, cases: list[CaseData], data: DataConfig) -> dict[str, np.ndarray] | None:
