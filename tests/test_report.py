@@ -72,6 +72,13 @@ def test_evaluate_folders_known_dice_and_csv(tmp_path):
     assert b1["dice"] == pytest.approx(2 / 3)
     assert b1["precision"] == 1.0 and b1["recall"] == pytest.approx(0.5)
     assert b1["hd"] == pytest.approx(2 * SPACING[2])  # the two missed voxels, along K
+    # b1: pred->ref distances (0, 0); ref->pred (0, 0, 2.5, 5) mm; per-direction 95th percentiles
+    assert b1["hd95"] == pytest.approx(2.5 + 0.85 * 2.5)
+    assert b1["assd"] == pytest.approx(7.5 / 6)
+    assert b1["nsd"] == pytest.approx(4 / 6)  # within the default 1 mm: the four zeros
+    assert b1["vol_diff_mm3"] == pytest.approx(-2 * 0.8 * 1.0 * 2.5)
+    assert b1["vol_diff_rel"] == pytest.approx(-0.5)
+    assert b2["nsd"] == 1.0 and b2["assd"] == 0.0 and b2["vol_diff_rel"] == 0.0
     assert b2["dice"] == 1.0 and b2["n_ref"] == 0 and b2["hd95"] == 0.0
     for row in rows:
         assert tuple(row) == report.CSV_COLUMNS
@@ -96,6 +103,10 @@ def test_labels_none_uses_reference_values_and_workers_agree(tmp_path):
     assert rows[3]["dice"] == 1.0  # label 2 only exists in case_a: both empty in case_b
     parallel = report.evaluate_folders(pred_dir, ref_dir, None, workers=2)
     assert parallel == rows
+    wider = report.evaluate_folders(pred_dir, ref_dir, {1: "a"}, nsd_tolerance_mm=2.5)
+    assert wider[1]["nsd"] == pytest.approx(5 / 6)  # case_b: now also the voxel 2.5 mm away
+    with pytest.raises(VolsegError, match="NSD tolerance"):
+        report.evaluate_folders(pred_dir, ref_dir, {1: "a"}, nsd_tolerance_mm=float("nan"))
 
 
 def test_geometry_mismatch_is_reported(tmp_path):
@@ -149,6 +160,15 @@ def test_summarize_numbers_and_table():
     assert lines[4] == ["all", "(mean of labels)", "", "0.467", "3.00", "5.00"]
     with pytest.raises(VolsegError):
         report.summarize([])
+
+    more = [dict(r, assd=1.0, nsd=0.5, vol_diff_mm3=-12.25, vol_diff_rel=-0.1) for r in rows[:3]]
+    table = report.format_summary(report.summarize(more))
+    lines = [[cell.strip() for cell in line.split("|")] for line in table.splitlines()]
+    assert lines[0] == [
+        "label", "name", "cases", "dice", "hd (mm)", "hd95 (mm)", "assd (mm)", "nsd",
+        "vol_diff_mm3", "vol_diff_rel",
+    ]  # fmt: skip
+    assert lines[2][6:] == ["1.00 ± 0.00", "0.500 ± 0.000", "-12.2 ± 0.0", "-0.100 ± 0.000"]
 
 
 def test_write_json_and_csv_are_atomic_and_strict(tmp_path):

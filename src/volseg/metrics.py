@@ -1,59 +1,88 @@
-"""Spacing-aware overlap and surface-distance metrics per label, as pure functions.
+"""Spacing-aware overlap, volume and surface-distance metrics per label, as pure functions.
 
-Definitions (chosen once here so every table in the project means the same thing):
+Definitions (chosen once here so every table in the project means the same thing; the long form
+with the differences to other libraries is docs/metrics.md):
 
 - Masks are ``pred == label`` and ``ref == label``; TP/FP/FN are voxel counts.
   ``dice = 2TP / (2TP + FP + FN)``, ``jaccard = TP / (TP + FP + FN)``,
   ``precision = TP / (TP + FP)``, ``recall = TP / (TP + FN)``.
+- ``vol_diff_mm3 = V_pred - V_ref`` (signed, mm³) and ``vol_diff_rel = (V_pred - V_ref) / V_ref``
+  (signed, relative to the reference).
 - A *surface voxel* is a foreground voxel with at least one of its 6 face-neighbours in the
   background or outside the volume, so a structure touching the volume edge has a surface there.
-- Distances are between surface voxel centres, in mm, with the anisotropic ``spacing``
-  (``scipy.ndimage.distance_transform_edt(sampling=spacing)``). The directed distances from the
-  prediction surface to the reference surface and back give ``hd`` (symmetric Hausdorff: the
-  larger of the two maxima) and ``hd95`` (MONAI's definition: the larger of the two directed
-  95th percentiles, ``numpy.percentile`` with linear interpolation).
+- Distances are between surface voxel centres, in mm, with the anisotropic ``spacing``. For each
+  surface voxel of one mask, its distance to the nearest surface voxel of the other mask gives two
+  sets of *directed* distances. ``hd`` is the larger of their maxima (symmetric Hausdorff);
+  ``hd95`` is the larger of their 95th percentiles (MONAI's definition, ``numpy.percentile`` with
+  linear interpolation); ``assd`` is the mean over both sets pooled (each surface voxel counts
+  once); ``nsd`` is the fraction of all surface voxels of both masks within ``nsd_tolerance_mm``
+  of the other surface (normalised surface Dice, counted per voxel).
 
 Empty-mask conventions (no NaN, no inf, so means over cases stay finite):
 
-- both masks empty: dice = jaccard = precision = recall = 1, hd = hd95 = 0 (nothing to find,
-  nothing found).
-- exactly one empty: dice = jaccard = precision = recall = 0, and hd = hd95 = the volume's
-  diagonal ``sqrt(sum((n_vox * spacing) ** 2))`` in mm, which exceeds every distance between two
-  voxels of the volume, so a missed (or hallucinated) structure scores worse than any found one.
+- both masks empty: dice = jaccard = precision = recall = nsd = 1, hd = hd95 = assd = 0,
+  vol_diff_mm3 = vol_diff_rel = 0 (nothing to find, nothing found).
+- exactly one empty: dice = jaccard = precision = recall = nsd = 0, and hd = hd95 = assd = the
+  volume's diagonal ``sqrt(sum((n_vox * spacing) ** 2))`` in mm, which exceeds every distance
+  between two voxels of the volume, so a missed (or hallucinated) structure scores worse than any
+  found one. An empty prediction has vol_diff_rel = -1 (exact); an empty reference has
+  vol_diff_rel = the volume's voxel count, more than any ratio a non-empty reference allows.
 
-Distances are computed on the bounding box of ``pred | ref`` grown by one voxel (clipped to the
-volume): every surface voxel lies inside it and the one-voxel margin keeps the surface definition
-exact, so the cost is linear in the box size rather than quadratic in the number of voxels.
+Speed, exactly: everything runs on the bounding box of the labels in ``pred | ref`` (found with
+per-axis max projections, one streaming pass over each array). Distances are found by looking up
+the other surface at integer voxel offsets in order of increasing length in mm, so a surface
+voxel at distance d costs only the offsets shorter than d; voxels still unresolved when lookups
+stop paying (a far-away false positive, a missed part) go to a k-d tree over the other surface.
+Both steps give the exact nearest surface voxel; nothing is approximated or thresholded.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from volseg.errors import VolsegError
 
-FIELDS = ("dice", "jaccard", "precision", "recall", "hd", "hd95", "n_ref", "n_pred")
+FIELDS = (
+    "dice", "jaccard", "precision", "recall", "hd", "hd95", "assd", "nsd",
+    "vol_diff_mm3", "vol_diff_rel", "n_ref", "n_pred",
+)  # fmt: skip
+NSD_TOLERANCE_MM = 1.0
 
-_MARGIN_VOX = 1
+_TIE_SLACK = 1e-9  # relative: a distance equal to the NSD tolerance up to rounding counts as within
+_OFFSETS_WANTED = 512  # voxel offsets looked up before the k-d tree takes the rest
+_MAX_REACH_VOX = 64  # caps the padding along a finely sampled axis
+_CHECK_EVERY = 32  # offsets between two "do lookups still pay?" checks
+_LOOKUPS_PER_TREE_QUERY = 256  # a k-d tree query costs about this many array lookups
+_BLOCK_LOOKUPS = 8192  # lookups per numpy call while few queries are pending
+_FEW_LABELS = 4  # above this many labels, find all label boxes in one pass (find_objects)
+_MAX_BOX_LABEL = 65535  # find_objects allocates a list as long as the largest label
 
 
 def compute(
-    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: Iterable[int]
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: Sequence[float],
+    labels: Iterable[int],
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
 ) -> dict[int, dict[str, float]]:
     """All of `FIELDS` for each label value in `labels`, as plain Python floats.
 
-    `pred` and `ref` are integer label arrays of shape (I, J, K); `labels` are the foreground
-    values to score (the caller knows them; a value absent from both arrays scores as "both empty").
+    `pred` and `ref` are integer label arrays of shape (I, J, K); `labels` are the values to score
+    (the caller knows them; a value absent from both arrays scores as "both empty").
+    `nsd_tolerance_mm` is the distance (mm) within which a surface voxel counts as matched.
 
     >>> ref = np.zeros((4, 4, 3), dtype=np.uint8); ref[1:3, 1:3, 1] = 1
     >>> pred = ref.copy(); pred[1, 1, 1] = 0
     >>> row = compute(pred, ref, spacing=(1.0, 1.0, 2.0), labels=[1])[1]
-    >>> round(row["dice"], 4), row["n_ref"], row["n_pred"]
-    (0.8571, 4.0, 3.0)
+    >>> round(row["dice"], 4), row["n_ref"], row["n_pred"], row["vol_diff_mm3"], row["hd"]
+    (0.8571, 4.0, 3.0, -2.0, 1.0)
     """
     pred = np.asarray(pred)
     ref = np.asarray(ref)
@@ -66,24 +95,37 @@ def compute(
             "resample the prediction onto the reference grid first",
         )
     spacing_mm = _check_spacing(spacing, pred.ndim)
-    pred_boxes = _label_boxes(pred)
-    ref_boxes = _label_boxes(ref)
+    tolerance_mm = _check_tolerance(nsd_tolerance_mm)
+    wanted = [int(label) for label in labels]
+    scale = _scale(pred.shape, spacing_mm)
+
+    # One crop for all labels: the box of every non-zero voxel (the whole volume if 0 is wanted).
+    if 0 in wanted:
+        crop: tuple[slice, ...] | None = tuple(slice(0, n) for n in pred.shape)
+    else:
+        crop = _nonzero_box(pred, ref)
+    # Many labels (e.g. whole-body organs): one pass finds every label's box within the crop.
+    boxes = None
+    if crop is not None and len(wanted) > _FEW_LABELS:
+        boxes = _label_boxes(pred[crop], ref[crop], wanted)
     result: dict[int, dict[str, float]] = {}
-    for label in labels:
-        label = int(label)
-        box = _union_box(
-            _box_of(pred, label, pred_boxes), _box_of(ref, label, ref_boxes), pred.shape
-        )
-        if box is None:  # both empty
-            result[label] = _row(tp=0, n_pred=0, n_ref=0, hd=0.0, hd95=0.0)
+    for label in wanted:
+        where = crop
+        if crop is not None and boxes is not None:
+            where = _within(crop, boxes[label])
+        if where is None:
+            result[label] = _row(scale, tp=0, n_pred=0, n_ref=0)
             continue
-        pred_mask = pred[box] == label
-        ref_mask = ref[box] == label
+        pred_mask = pred[where] == label
+        ref_mask = ref[where] == label
         n_pred = int(np.count_nonzero(pred_mask))
         n_ref = int(np.count_nonzero(ref_mask))
-        tp = int(np.count_nonzero(pred_mask & ref_mask))
-        hd, hd95 = _hausdorff_pair(pred_mask, ref_mask, spacing_mm, pred.shape)
-        result[label] = _row(tp=tp, n_pred=n_pred, n_ref=n_ref, hd=hd, hd95=hd95)
+        tp = int(np.count_nonzero(np.logical_and(pred_mask, ref_mask))) if n_pred and n_ref else 0
+        distances = None
+        if n_pred and n_ref:
+            box = _nonzero_box(pred_mask, ref_mask)
+            distances = _surface_distances(pred_mask[box], ref_mask[box], spacing_mm)
+        result[label] = _row(scale, tp, n_pred, n_ref, distances, tolerance_mm)
     return result
 
 
@@ -118,36 +160,95 @@ def hausdorff(
     >>> hausdorff(a, b, spacing=(1.5, 1.0, 0.5))
     3.605551275463989
     """
-    pred_mask = np.asarray(pred_mask, dtype=bool)
-    ref_mask = np.asarray(ref_mask, dtype=bool)
-    if pred_mask.shape != ref_mask.shape:
-        raise VolsegError(None, f"mask shapes differ: {pred_mask.shape} vs {ref_mask.shape}")
+    pred_mask, ref_mask, spacing_mm = _check_masks(pred_mask, ref_mask, spacing)
     if not 0.0 <= float(percentile) <= 100.0:
         raise VolsegError(None, f"percentile must be in [0, 100], got {percentile}")
-    spacing_mm = _check_spacing(spacing, pred_mask.ndim)
-    box = _union_box(_mask_box(pred_mask), _mask_box(ref_mask), pred_mask.shape)
+    box = _nonzero_box(pred_mask, ref_mask)
     if box is None:
         return 0.0
-    d_pred_to_ref, d_ref_to_pred = _directed_distances(pred_mask[box], ref_mask[box], spacing_mm)
-    if d_pred_to_ref is None or d_ref_to_pred is None:
-        return _diagonal_mm(pred_mask.shape, spacing_mm)
-    return max(
-        float(np.percentile(d_pred_to_ref, percentile)),
-        float(np.percentile(d_ref_to_pred, percentile)),
+    if not pred_mask[box].any() or not ref_mask[box].any():
+        return _scale(pred_mask.shape, spacing_mm).diagonal_mm
+    to_ref, to_pred = _surface_distances(pred_mask[box], ref_mask[box], spacing_mm)
+    return max(float(np.percentile(to_ref, percentile)), float(np.percentile(to_pred, percentile)))
+
+
+def surface_distances(
+    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Directed surface distances (mm): pred surface -> ref surface, and ref -> pred.
+
+    One float64 value per surface voxel, in C order of the voxels, for statistics of your own.
+    Both masks must be non-empty (`compute` applies the empty-mask conventions instead).
+
+    >>> a = np.zeros((1, 1, 6), bool); a[0, 0, :2] = True
+    >>> b = np.zeros((1, 1, 6), bool); b[0, 0, 4] = True
+    >>> [d.tolist() for d in surface_distances(a, b, spacing=(1.0, 1.0, 0.5))]
+    [[2.0, 1.5], [1.5]]
+    """
+    pred_mask, ref_mask, spacing_mm = _check_masks(pred_mask, ref_mask, spacing)
+    box = _nonzero_box(pred_mask, ref_mask)
+    if box is None or not pred_mask[box].any() or not ref_mask[box].any():
+        raise VolsegError(
+            None,
+            "surface distances need two non-empty masks",
+            "use metrics.compute, which applies the empty-mask conventions",
+        )
+    return _surface_distances(pred_mask[box], ref_mask[box], spacing_mm)
+
+
+# --------------------------------------------------------------------------------------------------
+# rows and conventions
+
+
+class _Scale(NamedTuple):
+    """What the volume and empty-mask conventions need to know about the whole volume."""
+
+    voxel_mm3: float
+    diagonal_mm: float  # longer than any distance between two voxels of the volume
+    n_voxels: float
+
+
+def _scale(shape: tuple[int, ...], spacing_mm: tuple[float, ...]) -> _Scale:
+    return _Scale(
+        voxel_mm3=float(math.prod(spacing_mm)),
+        diagonal_mm=float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing_mm)))),
+        n_voxels=float(math.prod(shape)),
     )
 
 
-def _row(tp: int, n_pred: int, n_ref: int, hd: float, hd95: float) -> dict[str, float]:
-    """One label's metrics from the counts, with the empty-mask conventions of the docstring."""
+def _row(
+    scale: _Scale,
+    tp: int,
+    n_pred: int,
+    n_ref: int,
+    distances: tuple[np.ndarray, np.ndarray] | None = None,
+    tolerance_mm: float = NSD_TOLERANCE_MM,
+) -> dict[str, float]:
+    """One label's metrics from the counts and distances, with the module's empty conventions."""
     fp = n_pred - tp
     fn = n_ref - tp
     if n_pred == 0 and n_ref == 0:
-        d = j = p = r = 1.0
+        d = j = p = r = nsd = 1.0
+        hd = hd95 = assd = 0.0
+    elif distances is None:  # exactly one empty
+        d = j = p = r = nsd = 0.0
+        hd = hd95 = assd = scale.diagonal_mm
     else:
         d = 2.0 * tp / (2 * tp + fp + fn)
         j = tp / (tp + fp + fn)
-        p = tp / n_pred if n_pred else 0.0
-        r = tp / n_ref if n_ref else 0.0
+        p = tp / n_pred
+        r = tp / n_ref
+        to_ref, to_pred = distances
+        hd = max(float(to_ref.max()), float(to_pred.max()))
+        hd95 = max(float(np.percentile(to_ref, 95)), float(np.percentile(to_pred, 95)))
+        n_surface = to_ref.size + to_pred.size
+        assd = (float(to_ref.sum()) + float(to_pred.sum())) / n_surface
+        within = tolerance_mm * (1.0 + _TIE_SLACK)
+        nsd = (np.count_nonzero(to_ref <= within) + np.count_nonzero(to_pred <= within)) / n_surface
+    if n_ref:
+        vol_rel = (n_pred - n_ref) / n_ref
+    else:
+        vol_rel = scale.n_voxels if n_pred else 0.0
     return {
         "dice": float(d),
         "jaccard": float(j),
@@ -155,103 +256,223 @@ def _row(tp: int, n_pred: int, n_ref: int, hd: float, hd95: float) -> dict[str, 
         "recall": float(r),
         "hd": float(hd),
         "hd95": float(hd95),
+        "assd": float(assd),
+        "nsd": float(nsd),
+        "vol_diff_mm3": float((n_pred - n_ref) * scale.voxel_mm3),
+        "vol_diff_rel": float(vol_rel),
         "n_ref": float(n_ref),
         "n_pred": float(n_pred),
     }
 
 
-def _hausdorff_pair(
-    pred_mask: np.ndarray,
-    ref_mask: np.ndarray,
-    spacing_mm: tuple[float, ...],
-    full_shape: tuple[int, ...],
-) -> tuple[float, float]:
-    """(hd, hd95) of two cropped masks, at least one non-empty; `full_shape` sets the diagonal."""
-    d_pred_to_ref, d_ref_to_pred = _directed_distances(pred_mask, ref_mask, spacing_mm)
-    if d_pred_to_ref is None or d_ref_to_pred is None:
-        diagonal = _diagonal_mm(full_shape, spacing_mm)
-        return diagonal, diagonal
-    hd = max(float(d_pred_to_ref.max()), float(d_ref_to_pred.max()))
-    hd95 = max(float(np.percentile(d_pred_to_ref, 95)), float(np.percentile(d_ref_to_pred, 95)))
-    return hd, hd95
+# --------------------------------------------------------------------------------------------------
+# surfaces and distances
 
 
-def _directed_distances(
+def _surface_distances(
     pred_mask: np.ndarray, ref_mask: np.ndarray, spacing_mm: tuple[float, ...]
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Distances (mm) from each pred surface voxel to the ref surface and back; None if empty.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Directed distances (mm) between the surfaces of two non-empty masks.
 
-    The masks may be crops: a crop face that is not a volume face has a background voxel
-    layer inside it (`_union_box`'s margin), so "outside the array" still means background.
+    The masks may be crops of larger volumes as long as everything outside them is background
+    for both: the padding of zeros then stands for the rest of the volume and its outside.
     """
-    pred_surface = _surface(pred_mask)
-    ref_surface = _surface(ref_mask)
-    if not pred_surface.any() or not ref_surface.any():
-        return None, None
-    # distance_transform_edt measures to the nearest zero, so surfaces become the zeros.
-    to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing_mm)
-    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing_mm)
-    return to_ref[pred_surface], to_pred[ref_surface]
+    vectors, lengths_mm, reach_vox = _offsets(spacing_mm)
+    pad = tuple(int(r) + 1 for r in reach_vox)  # room for every offset, plus the outside layer
+    pred_surface, pred_index = _padded_surface(pred_mask, pad)
+    ref_surface, ref_index = _padded_surface(ref_mask, pad)
+    strides = np.array([math.prod(pred_surface.shape[a + 1 :]) for a in range(pred_mask.ndim)])
+    flat_offsets = vectors @ strides
+    to_ref = _directed(pred_index, ref_surface, ref_index, flat_offsets, lengths_mm, spacing_mm)
+    to_pred = _directed(ref_index, pred_surface, pred_index, flat_offsets, lengths_mm, spacing_mm)
+    return to_ref, to_pred
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Foreground voxels with a 6-neighbour in the background or outside the array."""
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    interior = ndimage.binary_erosion(mask, structure=structure, border_value=0)
-    return mask & ~interior
+def _padded_surface(mask: np.ndarray, pad: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The mask's surface voxels in a zero-padded array, and their flat indices into it.
+
+    Surface = mask minus its erosion by the 6-neighbourhood (face neighbours), with everything
+    outside the mask's array counting as background.
+    """
+    shape = tuple(n + 2 * p for n, p in zip(mask.shape, pad))
+    padded = np.zeros(shape, dtype=bool)
+    inner = tuple(slice(p, p + n) for n, p in zip(mask.shape, pad))
+    padded[inner] = mask
+    interior = padded[inner].copy()
+    for axis, (p, n) in enumerate(zip(pad, mask.shape)):
+        for step in (-1, 1):
+            shifted = list(inner)
+            shifted[axis] = slice(p + step, p + step + n)
+            np.logical_and(interior, padded[tuple(shifted)], out=interior)
+    np.logical_xor(padded[inner], interior, out=padded[inner])  # interior is inside the mask
+    return padded, np.flatnonzero(padded)
 
 
-def _label_boxes(labels_array: np.ndarray) -> list[tuple[slice, ...] | None] | None:
-    """Bounding boxes of all positive labels in one pass, or None if find_objects can't help."""
-    if labels_array.size == 0 or labels_array.dtype == bool:
+def _directed(
+    queries: np.ndarray,
+    target: np.ndarray,
+    target_index: np.ndarray,
+    flat_offsets: np.ndarray,
+    lengths_mm: np.ndarray,
+    spacing_mm: tuple[float, ...],
+) -> np.ndarray:
+    """Distance (mm) from each query voxel (flat index) to the nearest `True` voxel of `target`.
+
+    Offsets come nearest first, so the first offset that lands on the target is the exact
+    nearest voxel (ties have equal length). Queries still pending when lookups stop paying, or
+    when the offsets run out, are answered exactly by a k-d tree over the target voxels.
+    """
+    target_flat = target.reshape(-1)
+    out = np.empty(queries.size, dtype=np.float64)
+    pending = queries
+    position = np.arange(queries.size)
+    n_offsets = flat_offsets.size
+    start = checked = lookups = hits = 0
+    while start < n_offsets:
+        # Few pending queries: look up a run of offsets at once (fewer, larger numpy calls).
+        width = max(1, min(n_offsets - start, _BLOCK_LOOKUPS // pending.size))
+        stop = start + width
+        if width == 1:
+            hit = target_flat[pending + flat_offsets[start]]
+            n_found = int(np.count_nonzero(hit))
+            if n_found:
+                out[position[hit]] = lengths_mm[start]
+        else:
+            found = target_flat[pending[:, None] + flat_offsets[None, start:stop]]
+            nearest = found.argmax(axis=1)  # first hit in the run = the nearest (runs are sorted)
+            hit = found[np.arange(pending.size), nearest]
+            n_found = int(np.count_nonzero(hit))
+            if n_found:
+                out[position[hit]] = lengths_mm[start + nearest[hit]]
+        lookups += pending.size * width
+        hits += n_found
+        if n_found:
+            missing = ~hit
+            pending = pending[missing]
+            position = position[missing]
+            if pending.size == 0:
+                return out
+        start = stop
+        if start - checked >= _CHECK_EVERY:
+            if hits * _LOOKUPS_PER_TREE_QUERY < lookups:
+                break  # the rest is far away: the tree is cheaper
+            checked, lookups, hits = start, 0, 0
+    spacing = np.asarray(spacing_mm)
+    points = np.stack(np.unravel_index(target_index, target.shape), axis=1) * spacing
+    asked = np.stack(np.unravel_index(pending, target.shape), axis=1) * spacing
+    tree = cKDTree(points, leafsize=32, balanced_tree=False, compact_nodes=False)
+    out[position] = tree.query(asked, k=1)[0]
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _offsets(spacing_mm: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every integer offset within a ball of about `_OFFSETS_WANTED` voxels, nearest (mm) first.
+
+    The ball reaches the face neighbours along every axis, unless the spacing is more than
+    `_MAX_REACH_VOX` times finer along another axis (then the k-d tree answers more queries).
+
+    Returns the offsets (n, ndim), their lengths in mm, and the largest |offset| per axis. The
+    ball is complete: every offset no longer than the last one listed is listed.
+    """
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    ndim = spacing.size
+    unit_ball = math.pi ** (ndim / 2) / math.gamma(ndim / 2 + 1)
+    radius_mm = (_OFFSETS_WANTED * float(np.prod(spacing)) / unit_ball) ** (1.0 / ndim)
+    # At least the face neighbours along every axis (thick slices), at most _MAX_REACH_VOX voxels.
+    radius_mm = max(radius_mm, float(spacing.max()))
+    radius_mm = min(radius_mm, _MAX_REACH_VOX * float(spacing.min()))
+    reach = np.floor(radius_mm / spacing).astype(np.int64)
+    axes = np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij")
+    vectors = np.stack([a.ravel() for a in axes], axis=1)
+    lengths = np.sqrt(((vectors * spacing) ** 2).sum(axis=1))
+    keep = lengths <= radius_mm
+    order = np.argsort(lengths[keep], kind="stable")
+    return vectors[keep][order], lengths[keep][order], reach
+
+
+# --------------------------------------------------------------------------------------------------
+# boxes and checks
+
+
+def _nonzero_box(*arrays: np.ndarray) -> tuple[slice, ...] | None:
+    """Smallest box holding every non-zero voxel of the (same-shaped) arrays, or None.
+
+    A max over axis 0 streams through each array once; the box of the remaining axes, found on
+    that projection, then limits the pass that finds axis 0's extent to a block.
+    """
+    views = [_unsigned(a) for a in arrays]
+    if views[0].size == 0:
         return None
-    top = int(labels_array.max())
-    if top <= 0 or top > 4096:  # find_objects allocates a list of length max label
+    if views[0].ndim == 1:
+        merged = functools.reduce(np.maximum, views) if len(views) > 1 else views[0]
+        hits = np.flatnonzero(merged)
+        return None if hits.size == 0 else (slice(int(hits[0]), int(hits[-1]) + 1),)
+    projection = functools.reduce(np.maximum, [v.max(axis=0) for v in views])
+    rest = _nonzero_box(projection)
+    if rest is None:
         return None
-    work = labels_array if labels_array.min() >= 0 else np.where(labels_array > 0, labels_array, 0)
-    return ndimage.find_objects(work)
-
-
-def _box_of(
-    labels_array: np.ndarray, label: int, boxes: list[tuple[slice, ...] | None] | None
-) -> tuple[slice, ...] | None:
-    """Bounding box of `label` in `labels_array`, or None if the label is absent."""
-    if boxes is not None and label > 0:
-        return boxes[label - 1] if label <= len(boxes) else None
-    return _mask_box(labels_array == label)
-
-
-def _mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of a binary mask, or None if it is empty."""
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(mask.ndim):
-        other_axes = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other_axes))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
-def _union_box(
-    a: tuple[slice, ...] | None, b: tuple[slice, ...] | None, shape: tuple[int, ...]
-) -> tuple[slice, ...] | None:
-    """Smallest box holding both, grown by the margin and clipped to the volume."""
-    boxes = [box for box in (a, b) if box is not None]
-    if not boxes:
-        return None
-    return tuple(
-        slice(
-            max(0, min(box[axis].start for box in boxes) - _MARGIN_VOX),
-            min(shape[axis], max(box[axis].stop for box in boxes) + _MARGIN_VOX),
-        )
-        for axis in range(len(shape))
+    other_axes = tuple(range(1, views[0].ndim))
+    along = functools.reduce(
+        np.maximum, [v[(slice(None), *rest)].max(axis=other_axes) for v in views]
     )
+    hits = np.flatnonzero(along)
+    return (slice(int(hits[0]), int(hits[-1]) + 1), *rest)
 
 
-def _diagonal_mm(shape: tuple[int, ...], spacing_mm: tuple[float, ...]) -> float:
-    """Length of the volume's diagonal, larger than any voxel-to-voxel distance inside it."""
-    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing_mm))))
+def _label_boxes(
+    pred: np.ndarray, ref: np.ndarray, labels: list[int]
+) -> dict[int, tuple[slice, ...] | None] | None:
+    """Union box of each label in `pred` and `ref` from one find_objects pass over each array.
+
+    None when the shortcut does not apply (negative or huge label values); callers then fall
+    back to scanning the whole crop per label.
+    """
+    if min(labels) < 1 or max(labels) > _MAX_BOX_LABEL:
+        return None
+    per_array = []
+    for array in (pred, ref):
+        if array.dtype == bool or np.issubdtype(array.dtype, np.signedinteger):
+            if array.dtype != bool and array.min() < 0:
+                return None
+            array = array.view(f"u{array.dtype.itemsize}")
+        per_array.append(ndimage.find_objects(array, max_label=max(labels)))
+    boxes: dict[int, tuple[slice, ...] | None] = {}
+    for label in labels:
+        found = [objects[label - 1] for objects in per_array if objects[label - 1] is not None]
+        boxes[label] = None if not found else tuple(
+            slice(min(b[a].start for b in found), max(b[a].stop for b in found))
+            for a in range(pred.ndim)
+        )
+    return boxes
+
+
+def _within(
+    outer: tuple[slice, ...], inner: tuple[slice, ...] | None
+) -> tuple[slice, ...] | None:
+    """`inner` (relative to the `outer` crop) as a box of the whole array."""
+    if inner is None:
+        return None
+    return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))
+
+
+def _unsigned(array: np.ndarray) -> np.ndarray:
+    """A same-size unsigned view: non-zero exactly where `array` is, so max() finds non-zeros."""
+    if array.dtype == bool or np.issubdtype(array.dtype, np.signedinteger):
+        return array.view(f"u{array.dtype.itemsize}")
+    return array
+
+
+def _check_masks(
+    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    pred_mask = np.asarray(pred_mask, dtype=bool)
+    ref_mask = np.asarray(ref_mask, dtype=bool)
+    if pred_mask.shape != ref_mask.shape:
+        raise VolsegError(None, f"mask shapes differ: {pred_mask.shape} vs {ref_mask.shape}")
+    if pred_mask.ndim == 0:
+        raise VolsegError(None, "masks must have at least one axis, got scalars")
+    return pred_mask, ref_mask, _check_spacing(spacing, pred_mask.ndim)
 
 
 def _check_labels_array(array: np.ndarray, name: str) -> None:
@@ -261,6 +482,8 @@ def _check_labels_array(array: np.ndarray, name: str) -> None:
             f"{name} must be an integer label array, got dtype {array.dtype}",
             "round or argmax probabilities into labels first",
         )
+    if array.ndim == 0:
+        raise VolsegError(None, f"{name} must have at least one axis, got a scalar")
 
 
 def _check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
@@ -271,3 +494,12 @@ def _check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
             f"spacing must be {ndim} positive finite numbers (mm), got {tuple(spacing)}",
         )
     return spacing_mm
+
+
+def _check_tolerance(tolerance_mm: float) -> float:
+    tolerance = float(tolerance_mm)
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise VolsegError(
+            None, f"NSD tolerance must be a finite number of mm >= 0, got {tolerance_mm}"
+        )
+    return tolerance

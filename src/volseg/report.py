@@ -26,9 +26,14 @@ from volseg.errors import VolsegError
 
 CSV_COLUMNS = (
     "case", "label", "label_name",
-    "dice", "jaccard", "precision", "recall", "hd", "hd95", "n_ref", "n_pred",
+    "dice", "jaccard", "precision", "recall", "hd", "hd95", "assd", "nsd",
+    "vol_diff_mm3", "vol_diff_rel", "n_ref", "n_pred",
 )  # fmt: skip
-SUMMARY_METRICS = ("dice", "jaccard", "precision", "recall", "hd", "hd95")
+SUMMARY_METRICS = (
+    "dice", "jaccard", "precision", "recall", "hd", "hd95", "assd", "nsd",
+    "vol_diff_mm3", "vol_diff_rel",
+)  # fmt: skip
+_DISTANCE_METRICS = ("hd", "hd95", "assd")  # in mm; shown with "(mm)" in the summary table
 GEOMETRY_ATOL = 1e-3  # affine tolerance (mm): float32 headers round-trip with ~1e-6 error
 
 PathLike = str | os.PathLike
@@ -45,19 +50,26 @@ def evaluate_folders(
     file_ending: str = ".nii.gz",
     out_csv: PathLike | None = None,
     workers: int = 1,
+    nsd_tolerance_mm: float = metrics.NSD_TOLERANCE_MM,
 ) -> list[dict]:
     """Score every `<case><file_ending>` in `pred_dir` against the same name in `ref_dir`.
 
     `labels` maps label value to name; None scores every non-zero value found in any reference
     (named by its value). Returns one row per case and label, with `CSV_COLUMNS` as keys, sorted
-    by case then label, and writes them to `out_csv` when given. Spacing comes from the reference.
+    by case then label, and writes them to `out_csv` when given. Spacing comes from the reference;
+    `nsd_tolerance_mm` is the surface Dice tolerance (docs/metrics.md has every definition).
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     pairs = _pair_files(pred_dir, ref_dir, file_ending)
     if workers < 1:
         raise VolsegError(None, f"workers must be >= 1, got {workers}")
+    tolerance = float(nsd_tolerance_mm)
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise VolsegError(
+            None, f"NSD tolerance must be a finite number of mm >= 0, got {nsd_tolerance_mm}"
+        )
     wanted = None if labels is None else sorted(int(v) for v in labels)
-    jobs = [(case, str(pred), str(ref), wanted) for case, pred, ref in pairs]
+    jobs = [(case, str(pred), str(ref), wanted, tolerance) for case, pred, ref in pairs]
     results = _run_jobs(jobs, workers)
 
     if labels is None:
@@ -147,7 +159,7 @@ def _unwrap(outcome: tuple[str, Any]) -> tuple[str, dict, set[int]]:
 
 
 def _evaluate_case(
-    case: str, pred_path: str, ref_path: str, wanted: list[int] | None
+    case: str, pred_path: str, ref_path: str, wanted: list[int] | None, nsd_tolerance_mm: float
 ) -> tuple[str, dict[int, dict[str, float]], set[int]]:
     """(case, metrics per label, non-zero values in the reference) for one pair of files."""
     pred = io.read_label(pred_path)
@@ -170,7 +182,8 @@ def _evaluate_case(
     pred_array, ref_array = pred.array[0], ref.array[0]
     ref_values = _nonzero_values(ref_array)
     labels = wanted if wanted is not None else sorted(ref_values | _nonzero_values(pred_array))
-    return case, metrics.compute(pred_array, ref_array, ref.spacing, labels), ref_values
+    scores = metrics.compute(pred_array, ref_array, ref.spacing, labels, nsd_tolerance_mm)
+    return case, scores, ref_values
 
 
 def _nonzero_values(array: np.ndarray) -> set[int]:
@@ -249,16 +262,18 @@ def _as_float(value: Any) -> float:
 def format_summary(summary: dict) -> str:
     """A plain-text table of `summarize`'s output: one line per label plus an "all" line.
 
-    Overlap metrics get three decimals, distances (mm) two; "-" marks a metric with no value.
+    Ratios get three decimals, distances (mm) two, volumes (mm³) one; "-" marks a metric with
+    no value.
     """
     metric_names = [
         m
         for m in SUMMARY_METRICS
         if any(m in e for e in summary["per_label"].values()) or m in summary["all"]
     ]
-    digits = {m: 2 if m in ("hd", "hd95") else 3 for m in metric_names}
+    digits = {m: 2 if m in _DISTANCE_METRICS else 3 for m in metric_names}
+    digits["vol_diff_mm3"] = 1
     header = ["label", "name", "cases"] + [
-        f"{m} (mm)" if m in ("hd", "hd95") else m for m in metric_names
+        f"{m} (mm)" if m in _DISTANCE_METRICS else m for m in metric_names
     ]
     lines = []
     for value, entry in summary["per_label"].items():
