@@ -52,6 +52,7 @@ def train(
     depth: Annotated[Optional[int], typer.Option(help="resolution levels of the U-Net")] = None,
     norm: Annotated[Optional[str], typer.Option(help="instance, batch or none")] = None,
     normalization: Annotated[Optional[str], typer.Option(help="zscore, zscore_nonzero or none")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="plan file from `volseg plan` (default: plan now)")] = None,
     fold: Annotated[Optional[int], typer.Option(help="cross-validation fold to validate on (0-based)")] = None,
     folds: Annotated[Optional[int], typer.Option(help="number of cross-validation folds (with --fold)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
@@ -74,11 +75,37 @@ def train(
         report.plot_training_curves(run_dir / METRICS_CSV, run_dir / "training_curves.png")
 
     summary = run_training(dataset, output, max_minutes=max_minutes, seed=seed, device=device,
-                           overrides=overrides, resume=resume, progress=not quiet, on_epoch=plot)
+                           overrides=overrides, resume=resume, progress=not quiet, on_epoch=plot, plan=plan)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     _echo(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['epochs']} epochs "
           f"({summary['minutes']:.1f} min, stopped: {summary['stop_reason']}); model in {output}")
+
+
+@app.command("plan")
+def plan_command(
+    dataset: Annotated[Path, typer.Argument(help="nnU-Net-layout dataset folder")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="plan JSON to write (edit it, then train --plan)")] = Path("plan.json"),
+    device: Annotated[str, typer.Option(help="plan for auto, cpu or cuda")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing plan file")] = False,
+) -> None:
+    """Fingerprint a dataset and write an editable training plan (spacing, normalisation, patch, batch)."""
+    from volseg import io
+    from volseg.inference import resolve_device
+    from volseg.planning import make_plan
+    from volseg.train import data_config_from_dataset
+
+    if output.exists() and not overwrite:
+        raise VolsegError(output, "output already exists", "pass --overwrite to replace it")
+    info, cases = io.read_dataset(dataset)
+    cfg, fingerprint = make_plan(data_config_from_dataset(info), cases, resolve_device(device).type)
+    from volseg.report import write_json
+
+    write_json(output, {"config": json.loads(cfg.to_json()), "fingerprint": fingerprint})
+    t = cfg.train
+    _echo(f"{len(cases)} cases; target spacing {cfg.data.spacing} mm; normalisation {cfg.data.channel_methods}; "
+          f"patch {t.patch_size}, batch {t.batch_size}, depth {cfg.model.depth}, width {cfg.model.base_width}")
+    _echo(f"plan written to {output}; train with `volseg train {dataset} -o RUN --plan {output}`")
 
 
 @app.command()

@@ -24,8 +24,15 @@ class DataConfig:
     labels: tuple[tuple[str, int], ...] = (("background", 0), ("foreground", 1))
     ignore_label: int | None = None
     file_ending: str = ".nii.gz"
-    normalization: str = "zscore"  # "zscore" | "zscore_nonzero" | "none"
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # median training spacing, mm
+    normalization: str = "zscore"  # "zscore" | "zscore_nonzero" | "ct" | "none"
+    channel_normalization: tuple[str, ...] = ()  # per channel; empty = `normalization` for every channel
+    intensity_stats: tuple[tuple[float, float, float, float], ...] = ()  # per channel (lo, hi, mean, std) for "ct"
+    spacing: tuple[float, float, float] | None = None  # training (target) spacing in mm; None = never resample
+
+    @property
+    def channel_methods(self) -> tuple[str, ...]:
+        """The normalisation of each input channel."""
+        return self.channel_normalization or (self.normalization,) * len(self.channel_names)
 
     @property
     def num_classes(self) -> int:

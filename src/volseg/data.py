@@ -40,7 +40,7 @@ class CaseData:
 
 def _cache_key(data: DataConfig) -> str:
     return json.dumps(
-        {"norm": data.normalization, "classes": data.class_values, "ignore": data.ignore_label,
+        {"norm": data.channel_methods, "stats": data.intensity_stats, "classes": data.class_values, "ignore": data.ignore_label,
          "spacing": data.spacing, "v": 3}
     )
 
@@ -58,7 +58,7 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
         if label.shape != image.shape:
             raise VolsegError(case.label, f"label shape {label.shape} differs from image shape {image.shape}")
         pixels, spacing = image.array, image.spacing
-        if needs_resampling(spacing, data.spacing):
+        if data.spacing is not None and needs_resampling(spacing, data.spacing):
             pixels = resample_image(pixels, spacing, data.spacing)
             label = resample_labels(label, pixels.shape[1:])
             spacing = data.spacing
@@ -77,7 +77,7 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
                 pos = pos[rng.choice(len(pos), _MAX_FG_VOXELS, replace=False)]
             fg["labelled"] = pos
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _save_npy(stem.with_name(case.case_id + "_image.npy"), normalize(pixels, data.normalization))
+        _save_npy(stem.with_name(case.case_id + "_image.npy"), normalize(pixels, data.channel_methods, data.intensity_stats))
         _save_npy(stem.with_name(case.case_id + "_label.npy"), index)
         _save_npy(stem.with_name(case.case_id + "_weight.npy"), known)
         tmp = stem.with_name(case.case_id + "_fg.tmp.npz")

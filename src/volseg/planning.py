@@ -7,10 +7,14 @@ depends on the device), depth gives a bottleneck of at least 4 voxels, batch fil
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
+from volseg import io
 from volseg.config import Config, DataConfig, InferConfig, ModelConfig, TrainConfig
+from volseg.preprocessing import resampled_shape
 
 # Voxels per batch the device digests at a useful pace: 2 x 64^3 is nnU-Net's minimum on a GPU;
 # a 2-core CPU gets less so that an epoch stays in minutes.
@@ -69,20 +73,97 @@ def plan_spacing(spacings: Sequence[Sequence[float]], anisotropy_ratio: float = 
     return tuple(round(float(t), 6) for t in target)  # type: ignore[return-value]
 
 
-def plan_config(
-    data: DataConfig, shapes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]], device_type: str
-) -> Config:
-    """Default config for a dataset on a device ("cpu" or "cuda")."""
+def plan_config(data: DataConfig, shapes: Sequence[Sequence[int]], device_type: str) -> Config:
+    """Default config for a dataset on a device ("cpu" or "cuda"); `shapes` at `data.spacing`."""
     median_shape = np.median(np.asarray(shapes), axis=0)
-    median_spacing = data.spacing if data.spacing else tuple(float(s) for s in np.median(np.asarray(spacings), axis=0))
+    median_spacing = data.spacing or (1.0, 1.0, 1.0)
     key = "cuda" if device_type == "cuda" else "cpu"
     patch, depth = plan_patch(median_shape, median_spacing, _MAX_PATCH_VOXELS[key])
     batch = int(np.clip(_BATCH_VOXELS[key] // int(np.prod(patch)), 2, 16))
     base = 32 if key == "cuda" else 16
-    data = DataConfig(**{**data.__dict__, "spacing": median_spacing})
     return Config(
         data=data,
         model=ModelConfig(in_channels=len(data.channel_names), num_classes=data.num_classes, base_width=base, depth=depth),
         train=TrainConfig(patch_size=patch, batch_size=batch),
         infer=InferConfig(),
     )
+
+
+def is_ct(channel_name: str) -> bool:
+    """nnU-Net's convention: a channel named CT (any case, optionally with a suffix) holds Hounsfield units.
+
+    >>> is_ct("CT"), is_ct("ct_venous"), is_ct("T1"), is_ct("ACTIVITY")
+    (True, True, False, False)
+    """
+    name = channel_name.strip().upper()
+    return name == "CT" or name.startswith(("CT_", "CT-", "CT "))
+
+
+def foreground_intensity_stats(
+    cases: Sequence[io.Case], channel: int, max_cases: int = 50, per_case: int = 10_000, seed: int = 0
+) -> tuple[float, float, float, float]:
+    """(0.5th percentile, 99.5th percentile, mean, std) of a channel's voxels inside the labels.
+
+    A seeded sample of voxels per case keeps this quick on large CT datasets.
+    """
+    rng = np.random.default_rng(seed)
+    picked = [cases[i] for i in sorted(rng.choice(len(cases), min(len(cases), max_cases), replace=False))]
+    samples = []
+    for case in picked:
+        if case.label is None:
+            continue
+        image = io.read_volume(case.images[channel]).array[0]
+        label = io.read_label(case.label).array[0]
+        values = image[label > 0]
+        if values.size > per_case:
+            values = values[rng.choice(values.size, per_case, replace=False)]
+        samples.append(values.astype(np.float64))
+    if not samples or not sum(v.size for v in samples):
+        return (-1000.0, 1000.0, 0.0, 1000.0)  # no foreground anywhere: a wide, harmless window
+    allv = np.concatenate(samples)
+    lo, hi = np.percentile(allv, [0.5, 99.5])
+    clipped = np.clip(allv, lo, hi)
+    return (float(lo), float(hi), float(clipped.mean()), float(clipped.std()))
+
+
+def make_plan(
+    data: DataConfig, cases: Sequence[io.Case], device_type: str
+) -> tuple[Config, dict[str, Any]]:
+    """The whole plan for a dataset: target spacing, normalisation per channel, patch, depth, batch.
+
+    Reads only file headers, plus a voxel sample of the labelled region when a channel is CT.
+    Returns the config and the dataset fingerprint it was derived from.
+    """
+    shapes, spacings = [], []
+    for case in cases:
+        grid = io.read_grid(case.images[0])
+        if grid is None:
+            volume = io.read_volume(case.images[0])
+            grid = (volume.shape, volume.spacing)
+        shapes.append(grid[0])
+        spacings.append(grid[1])
+    target = plan_spacing(spacings)
+    resampled = [resampled_shape(s, sp, target) for s, sp in zip(shapes, spacings)]
+    methods = tuple("ct" if is_ct(name) else "zscore" for name in data.channel_names)
+    stats = tuple(
+        foreground_intensity_stats(cases, c) if m == "ct" else (0.0, 0.0, 0.0, 1.0) for c, m in enumerate(methods)
+    )
+    data = replace(
+        data, spacing=target, channel_normalization=methods if "ct" in methods else (),
+        intensity_stats=stats if "ct" in methods else (),
+    )
+    cfg = plan_config(data, resampled, device_type)
+    arr_sp, arr_sh = np.asarray(spacings, float), np.asarray(shapes, float)
+    fingerprint = {
+        "n_cases": len(cases),
+        "spacing_median": np.median(arr_sp, 0).tolist(), "spacing_min": arr_sp.min(0).tolist(),
+        "spacing_max": arr_sp.max(0).tolist(),
+        "shape_median": np.median(arr_sh, 0).tolist(), "shape_min": arr_sh.min(0).astype(int).tolist(),
+        "shape_max": arr_sh.max(0).astype(int).tolist(),
+        "target_spacing": list(target),
+        "shape_median_at_target": np.median(np.asarray(resampled, float), 0).tolist(),
+        "channel_normalization": list(methods),
+        "intensity_stats": {data.channel_names[c]: list(stats[c]) for c, m in enumerate(methods) if m == "ct"},
+        "device": device_type,
+    }
+    return cfg, fingerprint

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from volseg.errors import VolsegError
 
-NORMALIZATIONS = ("zscore", "zscore_nonzero", "none")
+NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
 
 
 def zscore(image: np.ndarray, nonzero: bool = False) -> np.ndarray:
@@ -31,13 +33,44 @@ def zscore(image: np.ndarray, nonzero: bool = False) -> np.ndarray:
     return out
 
 
-def normalize(image: np.ndarray, method: str) -> np.ndarray:
-    """Apply the config's normalisation by name."""
-    if method not in NORMALIZATIONS:
-        raise VolsegError(None, f"unknown normalisation {method!r}", f"use one of {', '.join(NORMALIZATIONS)}")
-    if method == "none":
-        return np.asarray(image, dtype=np.float32)
-    return zscore(image, nonzero=method == "zscore_nonzero")
+def ct_normalize(channel: np.ndarray, lo: float, hi: float, mean: float, std: float) -> np.ndarray:
+    """CT: Hounsfield units are absolute, so clip to the dataset's foreground range and z-score globally.
+
+    >>> ct_normalize(np.array([-1000.0, 40.0, 3000.0]), -100, 200, 50, 10).tolist()
+    [-15.0, -1.0, 15.0]
+    """
+    return ((np.clip(channel, lo, hi) - mean) / max(std, 1e-8)).astype(np.float32)
+
+
+def normalize(
+    image: np.ndarray,
+    method: str | Sequence[str],
+    stats: Sequence[Sequence[float]] = (),
+) -> np.ndarray:
+    """Normalise each channel of a (C, I, J, K) image by name (one name for all, or one per channel).
+
+    "ct" needs `stats[c] = (lo, hi, mean, std)`, the dataset's foreground intensity statistics.
+    """
+    n = image.shape[0]
+    methods = [method] * n if isinstance(method, str) else list(method)
+    if len(methods) != n:
+        raise VolsegError(None, f"{len(methods)} normalisations given for {n} channels")
+    for m in methods:
+        if m not in NORMALIZATIONS:
+            raise VolsegError(None, f"unknown normalisation {m!r}", f"use one of {', '.join(NORMALIZATIONS)}")
+    if len(set(methods)) == 1 and methods[0] in ("zscore", "zscore_nonzero"):
+        return zscore(image, nonzero=methods[0] == "zscore_nonzero")
+    out = np.empty(image.shape, dtype=np.float32)
+    for c, m in enumerate(methods):
+        if m == "none":
+            out[c] = image[c]
+        elif m == "ct":
+            if c >= len(stats):
+                raise VolsegError(None, f"channel {c} uses CT normalisation but has no intensity statistics")
+            out[c] = ct_normalize(image[c], *stats[c])
+        else:
+            out[c] = zscore(image[c : c + 1], nonzero=m == "zscore_nonzero")[0]
+    return out
 
 
 def encode_labels(

@@ -29,10 +29,11 @@ from volseg.errors import VolsegError
 from volseg.inference import output_window, resolve_device, sliding_window
 from volseg.losses import get_loss
 from volseg.model import UNet3d
-from volseg.planning import plan_config, plan_spacing
+from volseg.planning import make_plan
 from volseg.preprocessing import encode_labels
 
 METRICS_CSV = "metrics.csv"
+PLAN_JSON = "plan.json"
 CONFIG_JSON = "config.json"
 SPLIT_JSON = "split.json"
 EpochCallback = Callable[[Path, dict[str, Any]], None]
@@ -273,6 +274,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
+    plan: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a U-Net on an nnU-Net-layout dataset; returns a summary (best Dice, epochs, minutes).
 
@@ -286,7 +288,7 @@ def train(
         tune_allocator()
     progress = progress and dist.main
     try:
-        return _train(dataset, out, dist, dev, t0, max_minutes, seed, overrides, resume, progress, on_epoch)
+        return _train(dataset, out, dist, dev, t0, max_minutes, seed, overrides, resume, progress, on_epoch, plan)
     finally:
         dist.stop()
 
@@ -303,6 +305,7 @@ def _train(
     resume: bool,
     progress: bool,
     on_epoch: EpochCallback | None,
+    plan: str | Path | None,
 ) -> dict[str, Any]:
     info, cases = io.read_dataset(dataset)
     missing = [c.case_id for c in cases if c.label is None]
@@ -322,8 +325,19 @@ def _train(
     # ---- data -------------------------------------------------------------------------------
     if resume:
         _, cfg, _ = read_model_file(out / MODEL_LAST)
+    elif plan is not None:
+        cfg = _read_plan(Path(plan))
+        fingerprint = None
     else:
-        cfg = Config(data=dataclasses.replace(data_config_from_dataset(info), spacing=_target_spacing(cases)))
+        cfg, fingerprint = make_plan(data_config_from_dataset(info), cases, dev.type)
+    if not resume:
+        cfg = _apply_overrides(cfg, overrides or {}, seed, max_minutes)
+        if cfg.model.in_channels != len(info.channel_names) or cfg.data.class_values != data_config_from_dataset(info).class_values:
+            raise VolsegError(plan or dataset, "plan does not match the dataset's channels or labels")
+        if dist.main:
+            _atomic_text(out / PLAN_JSON, json.dumps({"config": json.loads(cfg.to_json()), "fingerprint": fingerprint}, indent=2))
+    else:
+        cfg = _resume_overrides(cfg, overrides or {}, max_minutes)
     cache = out / "preprocessed"
     iterator = cases
     if progress:
@@ -336,13 +350,6 @@ def _train(
     if dist.main:
         dist.barrier()
 
-    if not resume:
-        cfg = plan_config(
-            cfg.data, [c.label.shape for c in prepared.values()], [c.spacing for c in prepared.values()], dev.type
-        )
-        cfg = _apply_overrides(cfg, overrides or {}, seed, max_minutes)
-    else:
-        cfg = _resume_overrides(cfg, overrides or {}, max_minutes)
     tc = cfg.train
     output_window(cfg, tc.patch_size)  # refuse a patch the network cannot take before any work
     train_ids, val_ids = split_cases(list(prepared), tc.val_fraction, tc.seed, tc.fold, tc.folds)
@@ -493,13 +500,17 @@ def _train(
     }
 
 
-def _target_spacing(cases: list[io.Case]) -> tuple[float, float, float]:
-    """Plan the training spacing from file headers, before any voxel is read."""
-    spacings = []
-    for case in cases:
-        grid = io.read_grid(case.images[0])
-        spacings.append(grid[1] if grid is not None else io.read_volume(case.images[0]).spacing)
-    return plan_spacing(spacings)
+def _read_plan(path: Path) -> Config:
+    """The config inside a `volseg plan` file (the file may be edited by hand)."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VolsegError(path, "plan file not found") from None
+    except json.JSONDecodeError as exc:
+        raise VolsegError(path, f"plan is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(raw, dict) or "config" not in raw:
+        raise VolsegError(path, "plan has no \"config\" object", "write one with `volseg plan`")
+    return Config.from_json(json.dumps(raw["config"]), source=str(path))
 
 
 def _dense_labels(dataset: Path, cases: list[CaseData], data: DataConfig) -> dict[str, np.ndarray] | None:
