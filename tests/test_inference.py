@@ -371,17 +371,19 @@ def test_predict_folder_names_outputs_by_case_and_continue_skips_existing(traine
 
     # --continue: nothing is redone while every output exists ...
     stamps = _mtimes(out_dir)
-    assert predict_paths(trained_run[0], inputs, out_dir, device="cpu", overwrite=False, progress=False) == []
+    assert predict_paths(trained_run[0], inputs, out_dir, device="cpu", skip_existing=True, progress=False) == []
     assert _mtimes(out_dir) == stamps
     # ... and only the missing one is written after one is deleted
     (out_dir / names[0]).unlink()
-    again = predict_paths(trained_run[0], inputs, out_dir, device="cpu", overwrite=False, progress=False)
+    again = predict_paths(trained_run[0], inputs, out_dir, device="cpu", skip_existing=True, progress=False)
     assert again == [out_dir / names[0]]
     assert {k: v for k, v in _mtimes(out_dir).items() if k != names[0]} == {
         k: v for k, v in stamps.items() if k != names[0]
     }
-    # the default (overwrite) redoes every case
-    assert len(predict_paths(trained_run[0], inputs, out_dir, device="cpu", progress=False)) == len(names)
+    # without a flag existing outputs are refused; --overwrite redoes every case
+    with pytest.raises(VolsegError, match="exists"):
+        predict_paths(trained_run[0], inputs, out_dir, device="cpu", progress=False)
+    assert len(predict_paths(trained_run[0], inputs, out_dir, device="cpu", overwrite=True, progress=False)) == len(names)
 
 
 def test_predict_paths_missing_input_is_a_clear_error(trained_run, tmp_path):

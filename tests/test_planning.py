@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import os
 import subprocess
@@ -112,14 +113,13 @@ def two_channel_data() -> DataConfig:
 
 
 def test_plan_config_from_data():
-    data = two_channel_data()
-    shapes = [(40, 50, 30), (44, 52, 36), (60, 48, 30)]
-    spacings = [(1.0, 1.0, 3.0), (0.8, 0.8, 2.0), (1.2, 1.0, 5.0)]
-    cfg = plan_config(data, shapes, spacings, "cpu")
+    data = dataclasses.replace(two_channel_data(), spacing=(1.0, 1.0, 3.0))
+    shapes = [(40, 50, 30), (44, 52, 36), (60, 48, 30)]  # at the target spacing
+    cfg = plan_config(data, shapes, "cpu")
     assert isinstance(cfg, Config)
     assert cfg.model.in_channels == 2
     assert cfg.model.num_classes == 3  # 0, 1, 3; the ignore label is not a class
-    assert cfg.data.spacing == (1.0, 1.0, 3.0)  # median per axis
+    assert cfg.data.spacing == (1.0, 1.0, 3.0)  # kept from the data config
     assert cfg.data.labels == data.labels and cfg.data.normalization == "zscore_nonzero"
     assert cfg.data.channel_names == ("t1", "t2")
     patch, depth = plan_patch((44, 50, 30), (1.0, 1.0, 3.0), 80**3)
@@ -133,9 +133,38 @@ def test_plan_config_from_data():
 def test_plan_config_device_budget():
     data = DataConfig()
     shapes = [(200, 200, 200)] * 3
-    spacings = [(1.0, 1.0, 1.0)] * 3
-    cpu = plan_config(data, shapes, spacings, "cpu")
-    gpu = plan_config(data, shapes, spacings, "cuda")
+    cpu = plan_config(data, shapes, "cpu")
+    gpu = plan_config(data, shapes, "cuda")
     assert np.prod(gpu.train.patch_size) > np.prod(cpu.train.patch_size)
     assert gpu.model.base_width >= cpu.model.base_width
     assert cpu.model.in_channels == 1 and cpu.model.num_classes == 2
+
+
+def test_make_plan_ct_channel_and_anisotropic_spacing(tmp_path):
+    """A CT channel gets clip + global z-score statistics from the labelled voxels; spacing is planned."""
+    import json
+
+    from volseg import io
+    from volseg.planning import make_plan
+    from volseg.train import data_config_from_dataset
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ct"
+    for i, spacing in enumerate([(0.8, 0.8, 5.0), (0.8, 0.8, 5.0), (0.7, 0.7, 2.5)]):
+        image = rng.normal(-800, 50, size=(32, 32, 8)).astype(np.float32)
+        label = np.zeros((32, 32, 8), np.uint8)
+        label[10:20, 10:20, 2:6] = 1
+        image[label == 1] = rng.normal(60, 20, size=int(label.sum()))
+        affine = np.diag([*spacing, 1.0])
+        io.write_volume(root / "imagesTr" / f"c{i}_0000.nii.gz", image, affine=affine)
+        io.write_volume(root / "labelsTr" / f"c{i}.nii.gz", label, affine=affine)
+    (root / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz"}))
+    info, cases = io.read_dataset(root)
+    cfg, fingerprint = make_plan(data_config_from_dataset(info), cases, "cpu")
+    assert cfg.data.channel_methods == ("ct",)
+    lo, hi, mean, std = cfg.data.intensity_stats[0]
+    assert 0 < lo < 60 < hi and 40 < mean < 80 and 10 < std < 30  # from the organ, not the -800 background
+    assert cfg.data.spacing[:2] == (0.8, 0.8) and 0.8 <= cfg.data.spacing[2] <= 5.0
+    assert fingerprint["n_cases"] == 3 and fingerprint["channel_normalization"] == ["ct"]
+    assert all(p % 2 ** (cfg.model.depth - 1) == 0 for p in cfg.train.patch_size)

@@ -91,7 +91,12 @@ def test_constant_channel_beside_varying_one():
 
 def test_normalize_by_name():
     image = np.arange(24, dtype=np.int16).reshape(1, 2, 3, 4) - 5
-    assert set(NORMALIZATIONS) == {"zscore", "zscore_nonzero", "none"}
+    assert set(NORMALIZATIONS) == {"zscore", "zscore_nonzero", "ct", "none"}
+    ct = normalize(image.astype(np.float32), "ct", stats=[(-2.0, 10.0, 4.0, 2.0)])
+    np.testing.assert_allclose(ct, (np.clip(image, -2, 10) - 4.0) / 2.0)
+    mixed = normalize(np.stack([image[0], image[0]]), ["none", "zscore"])
+    np.testing.assert_array_equal(mixed[0], image[0])
+    np.testing.assert_allclose(mixed[1], zscore(image)[0])
     np.testing.assert_array_equal(normalize(image, "none"), image.astype(np.float32))
     assert normalize(image, "none").dtype == np.float32
     np.testing.assert_array_equal(normalize(image, "zscore"), zscore(image))

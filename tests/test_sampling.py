@@ -74,7 +74,7 @@ def test_patch_start_around_centre_reaches_both_extremes():
 
 def reference_crop(array: np.ndarray, start, patch, value) -> np.ndarray:
     """Pad generously with np.pad, then slice: the obvious (slow) way."""
-    pad = max(max(patch), max(abs(s) for s in start)) + max(array.shape[-3:])
+    pad = max(patch) + max(abs(s) for s in start) + max(array.shape[-3:])  # covers start + patch on any side
     widths = [(0, 0)] * (array.ndim - 3) + [(pad, pad)] * 3
     padded = np.pad(array, widths, constant_values=value)
     index = tuple(slice(s + pad, s + pad + p) for s, p in zip(start, patch))

@@ -51,12 +51,11 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
     key_file = stem.with_name(case.case_id + ".json")
     key = _cache_key(data)
     if not (key_file.exists() and json.loads(key_file.read_text()).get("key") == key):
-        image = io.read_image(case.images)
-        label = io.read_label(case.label).array[0] if case.label is not None else None
-        if label is None:
+        if case.label is None:
             raise VolsegError(case.images[0], f"training case {case.case_id} has no label file")
-        if label.shape != image.shape:
-            raise VolsegError(case.label, f"label shape {label.shape} differs from image shape {image.shape}")
+        declared = set(data.class_values) | ({data.ignore_label} if data.ignore_label is not None else set())
+        image, label_volume = io.read_case(case, declared=declared)
+        label = label_volume.array[0]  # type: ignore[union-attr]  # a label exists: checked above
         pixels, spacing = image.array, image.spacing
         if data.spacing is not None and needs_resampling(spacing, data.spacing):
             pixels = resample_image(pixels, spacing, data.spacing)

@@ -130,7 +130,7 @@ def predict_probabilities(
     patch = cfg.train.patch_size
     out_patch, _ = output_window(cfg, patch)
     return sliding_window(
-        normalize(image, cfg.data.normalization),
+        normalize(image, cfg.data.channel_methods, cfg.data.intensity_stats),
         make_predictor(model, device),
         patch,
         cfg.model.num_classes,
@@ -152,7 +152,7 @@ def predict_volume(
     and the probabilities are resampled back to the input grid before the argmax.
     """
     image = volume.array
-    resample = needs_resampling(volume.spacing, cfg.data.spacing)
+    resample = cfg.data.spacing is not None and needs_resampling(volume.spacing, cfg.data.spacing)
     if resample:
         image = resample_image(image, volume.spacing, cfg.data.spacing)
     probs = predict_probabilities(model, cfg, image, device)
