@@ -110,7 +110,7 @@ def plan_command(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Option("-m", "--model", help="run folder or .safetensors model file")],
+    model: Annotated[list[Path], typer.Option("-m", "--model", help="run folder or .safetensors model file; repeat for an ensemble (e.g. folds)")],
     input: Annotated[Path, typer.Option("-i", "--input", help="image file, DICOM folder, or folder of <case>_<CCCC> images")],
     output: Annotated[Path, typer.Option("-o", "--output", help="output file or folder")],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",

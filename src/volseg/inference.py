@@ -143,13 +143,13 @@ def predict_probabilities(
     )
 
 
-def predict_volume(
+def probabilities_on_input_grid(
     model: torch.nn.Module, cfg: Config, volume: io.Volume, device: torch.device | str = "cpu"
 ) -> np.ndarray:
-    """Segmentation (I, J, K) in the dataset's label values, on the input's voxel grid.
+    """Class probabilities (C, I, J, K) on the input's own voxel grid.
 
     An image whose spacing differs from the training spacing is resampled to it, predicted there,
-    and the probabilities are resampled back to the input grid before the argmax.
+    and the probabilities are resampled back to the input grid.
     """
     image = volume.array
     resample = cfg.data.spacing is not None and needs_resampling(volume.spacing, cfg.data.spacing)
@@ -158,11 +158,53 @@ def predict_volume(
     probs = predict_probabilities(model, cfg, image, device)
     if resample:
         probs = resample_probabilities(probs, volume.shape)
-    return decode_labels(probs.argmax(0), cfg.data.class_values)
+    return probs
+
+
+def predict_volume(
+    model: torch.nn.Module | Sequence[torch.nn.Module],
+    cfg: Config | Sequence[Config],
+    volume: io.Volume,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Segmentation (I, J, K) in the dataset's label values, on the input's voxel grid.
+
+    Several models (cross-validation folds) are an ensemble: their probabilities, each on the
+    input grid, are averaged before the argmax.
+    """
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg] * len(models)
+    probs = probabilities_on_input_grid(models[0], cfgs[0], volume, device)
+    for m, c in zip(models[1:], cfgs[1:]):
+        probs += probabilities_on_input_grid(m, c, volume, device)
+    return decode_labels(probs.argmax(0), cfgs[0].data.class_values)
+
+
+def load_ensemble(
+    model_paths: str | Path | Sequence[str | Path], device: torch.device
+) -> tuple[list[torch.nn.Module], list[Config]]:
+    """Load one or several models; an ensemble must agree on channels, labels and file ending."""
+    from volseg.checkpoint import load_model
+
+    paths = [model_paths] if isinstance(model_paths, (str, Path)) else list(model_paths)
+    if not paths:
+        raise VolsegError(None, "no model given", "pass -m RUN_OR_MODEL (repeat -m for an ensemble)")
+    models, cfgs = [], []
+    for path in paths:
+        model, cfg = load_model(path, device)
+        if cfgs:
+            first = cfgs[0].data
+            if (cfg.data.class_values, cfg.data.channel_names, cfg.model.in_channels) != (
+                first.class_values, first.channel_names, cfgs[0].model.in_channels
+            ):
+                raise VolsegError(path, "cannot join the ensemble: its channels or labels differ from the first model's")
+        models.append(model)
+        cfgs.append(cfg)
+    return models, cfgs
 
 
 def predict_paths(
-    model_path: str | Path,
+    model_path: str | Path | Sequence[str | Path],
     inputs: str | Path,
     output: str | Path,
     device: str = "auto",
@@ -174,14 +216,14 @@ def predict_paths(
 
     An output that already exists is refused before any work (a good result is never replaced by
     accident) unless `overwrite`; `skip_existing` (`--continue`) keeps it and predicts only the
-    missing cases, after removing temporaries a killed run left behind. Returns the written paths.
+    missing cases, after removing temporaries a killed run left behind. Several model paths are
+    predicted as an ensemble. Returns the written paths.
     """
-    from volseg.checkpoint import load_model
-
     if overwrite and skip_existing:
         raise VolsegError(None, "--overwrite and --continue exclude each other", "pass one of them")
     dev = resolve_device(device)
-    model, cfg = load_model(model_path, dev)
+    models, cfgs = load_ensemble(model_path, dev)
+    cfg = cfgs[0]
     inputs, output = Path(inputs), Path(output)
     ending = cfg.data.file_ending
     is_folder = inputs.is_dir() and not _is_dicom_dir(inputs)
@@ -218,7 +260,7 @@ def predict_paths(
             try:
                 volume = io.read_image(images)
                 _refuse_non_finite(volume, images)
-                seg = predict_volume(model, cfg, volume, dev)
+                seg = predict_volume(models, cfgs, volume, dev)
                 io.write_volume(target, seg, reference=volume)
             except VolsegError as exc:
                 if not (is_folder and written):
