@@ -385,6 +385,9 @@ def _train(
         best_loss, iters, history = state["best_loss"], state["iters"], state["history"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     budget_s = tc.max_minutes * 60
+    # iters_per_epoch 0: an epoch is about 1/30 of the budget (at least 10 steps, at most 5 minutes),
+    # so the curves get points and plateaus show whatever the machine's speed
+    epoch_target_s = min(budget_s / 30, 300.0)
     run_start = time.monotonic() - spent_s
     prep_s = time.monotonic() - t0
 
@@ -407,7 +410,11 @@ def _train(
             while True:
                 # one collective per step keeps the clocks (LR) and the stop decision identical on all ranks
                 elapsed, over_budget = dist.max_([time.monotonic() - run_start, over_budget])
-                if step and (over_budget or (iters and step >= iters)):
+                if step == 0:
+                    epoch_t0 = elapsed  # from the synced clock, so every rank ends the epoch at the same step
+                epoch_s = elapsed - epoch_t0
+                epoch_done = step >= iters if iters else step >= 10 and epoch_s >= epoch_target_s
+                if step and (over_budget or epoch_done):
                     break
                 frac = max(epoch / tc.max_epochs, elapsed / budget_s if budget_s > 0 else 0)
                 lr = poly_lr(tc.lr, frac, tc.poly_exponent)
@@ -431,12 +438,6 @@ def _train(
                 if bar is not None:
                     bar.update()
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{lr:.4f}")
-                if iters == 0 and step == 3:
-                    # auto epoch length: about 1/30 of the budget, so curves have points and plateaus show
-                    step_s = (time.monotonic() - epoch_start) / step
-                    iters = int(dist.max_(np.clip(budget_s / 30 / max(step_s, 1e-3), 10, 250))[0])
-                    if bar is not None:
-                        bar.total = iters
                 over_budget = time.monotonic() - run_start + val_s * 1.2 > budget_s
         finally:
             stream.close()
