@@ -7,9 +7,11 @@ matrix product: the elastic field is a cubic B-spline on a coarse control grid i
 separable, and the affine part is linear in the voxel index, so both fit one tensor contraction
 and the grid comes out in the layout `grid_sample` wants without another pass.
 
-The caller cuts an input region larger than the patch (`input_size_for`) so that rotated and
-zoomed-out corners hold real data; `apply` returns the centred `out_size` patch. Samples for which
-no spatial transform was drawn are cut, not interpolated, so they come back bit-identical.
+The caller cuts an input region larger than the patch, centred on it, so that rotated and
+zoomed-out corners hold real data: `input_size_for` (the worst case of a config) or, after
+sampling, `input_size_for_params` (what these parameters read, usually much less). `apply`
+returns the centred `out_size` patch. Samples for which no spatial transform was drawn are cut,
+not interpolated, so they come back bit-identical.
 
 Everything runs on the device of the tensors (the model's GPU, or CPU in a data worker) and is
 vectorised over the batch; `sample_params` is numpy only, so parameters can be logged and replayed.
@@ -18,6 +20,7 @@ vectorised over the batch; `sample_params` is numpy only, so parameters can be l
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -68,8 +71,9 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name.endswith("_p") and not 0.0 <= getattr(self, f.name) <= 1.0:
-                raise VolsegError(None, f"augment {f.name} must be a probability in [0, 1], got {getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            if f.name.endswith("_p") and not 0.0 <= value <= 1.0:
+                raise VolsegError(None, f"augment {f.name} must be a probability in [0, 1], got {value}")
         for name in ("zoom_range", "elastic_magnitude_mm", "noise_std", "brightness_range", "contrast_range",
                      "gamma_range"):
             lo, hi = getattr(self, name)
@@ -188,7 +192,8 @@ def voxel_matrix(angles_rad: Sequence[float], zoom: Sequence[float], mirror: Seq
     """
     s = np.asarray(spacing_mm, dtype=np.float64)
     flip = np.where(np.asarray(mirror, dtype=bool), -1.0, 1.0)
-    return (rotation_matrix(angles_rad) / np.asarray(zoom, dtype=np.float64)) * s[None, :] / s[:, None] * flip[None, :] + 0.0
+    m = rotation_matrix(angles_rad) / np.asarray(zoom, dtype=np.float64)
+    return m * s[None, :] / s[:, None] * flip[None, :] + 0.0  # (+ 0.0 turns -0.0 into 0.0)
 
 
 def _bspline3(t: np.ndarray) -> np.ndarray:
@@ -230,8 +235,9 @@ def _rotation_reach(rotation_deg: Sequence[float], half_mm: np.ndarray) -> np.nd
         m[:, p, p] = m[:, q, q] = np.cos(angles)
         m[:, p, q], m[:, q, p] = -np.sin(angles), np.sin(angles)
         r = (r[:, None] @ m[None]).reshape(-1, 3, 3)
-    norm = float(np.linalg.norm(half_mm))
     turning = [a for a, d in enumerate(rotation_deg) if d > 0]
+    # about one axis only, that axis's extent is left alone and does not count in the bound
+    norm = float(np.linalg.norm(np.delete(half_mm, turning) if len(turning) == 1 else half_mm))
     # a component moves unless the only rotation is about that very axis
     moves = np.array([any(t != a for t in turning) for a in range(3)])
     reach = (np.abs(r) @ half_mm).max(0) + norm * half_step * moves
@@ -381,6 +387,35 @@ def identity_params(batch: int, spacing_mm: Sequence[float], patch_vox: Sequence
 # --------------------------------------------------------------------------------------------------
 # applying
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """A per-thread reusable CPU buffer for a large temporary, or None on other devices.
+
+    A fresh allocation of tens of MB is mapped from the OS and page-faults on first touch, which
+    cost as much as the copy into it; these buffers are kept (`release_scratch` frees them).
+    CUDA's caching allocator already reuses memory.
+    """
+    if device.type != "cpu":
+        return None
+    numel = math.prod(shape)
+    store = _SCRATCH.__dict__
+    buf = store.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        store[(name, dtype)] = buf = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    buf = _scratch(name, shape, dtype, device)
+    return torch.empty(shape, dtype=dtype, device=device) if buf is None else buf
+
+
+def release_scratch() -> None:
+    """Free this thread's reusable buffers (a few hundred MB at most for large batches of 96^3 patches)."""
+    _SCRATCH.__dict__.clear()
+
 
 def _centre_vox(in_size: Sequence[int], out_size: Sequence[int]) -> np.ndarray:
     """Input voxel coordinate of the output patch's centre: the centre of the centred crop."""
@@ -390,7 +425,7 @@ def _centre_vox(in_size: Sequence[int], out_size: Sequence[int]) -> np.ndarray:
 
 def sampling_grid(params: AugmentParams, in_size: Sequence[int], out_size: Sequence[int],
                   centre_vox: Sequence[float] | None = None, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, scratch: bool = False) -> torch.Tensor:
     """Normalised `grid_sample` coordinates (align_corners=True) of every output voxel: (B, *out_size, 3).
 
     Output voxel o samples input voxel centre + M (o - c_out) + d(o) / spacing, where `centre_vox`
@@ -399,7 +434,8 @@ def sampling_grid(params: AugmentParams, in_size: Sequence[int], out_size: Seque
     B-spline weights along axis 0 and its last two are (i, 1), and X holds the elastic field already
     contracted along axes 1 and 2 plus the affine terms. Trilinear upsampling and separate adds of
     the affine part would each be a full pass over the grid. The last axis is ordered (2, 1, 0),
-    as `grid_sample` expects.
+    as `grid_sample` expects. With `scratch`, the result lives in this thread's reusable buffer
+    (valid until the next call).
     """
     b = params.batch
     n0, n1, n2 = params.elastic_mm.shape[1:4]
@@ -416,7 +452,9 @@ def sampling_grid(params: AugmentParams, in_size: Sequence[int], out_size: Seque
     # the small factors in numpy (float64): only the final product touches every output voxel
     w0, w1, w2 = (_bspline_matrix(size, n) for size, n in zip(o, (n0, n1, n2)))
     elastic = (params.elastic_mm * (scale / s))[..., rev]  # (B, n0, n1, n2, 3), normalised units
-    x = np.einsum("jq,bpqkc->bpjkc", w1, np.einsum("kr,bpqrc->bpqkc", w2, elastic))  # (B, n0, J, K, 3)
+    x = w2 @ elastic.reshape(b * n0 * n1, n2, 3)  # (B n0 n1, K, 3)
+    x = w1 @ x.reshape(b * n0, n1, o[2] * 3)  # (B n0, J, K 3)
+    x = x.reshape(b, n0, o[1], o[2], 3)
     m = mats[:, rev, :]  # (B, c, b)
     j, k = np.arange(o[1], dtype=np.float64), np.arange(o[2], dtype=np.float64)
     const = (base[:, None, None, rev] + j[None, :, None, None] * m[:, None, None, :, 1]
@@ -427,7 +465,11 @@ def sampling_grid(params: AugmentParams, in_size: Sequence[int], out_size: Seque
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     rows_t = torch.from_numpy(rows.astype(np_dtype)).to(device=device, dtype=dtype)
     cols_t = torch.from_numpy(cols.astype(np_dtype)).to(device=device, dtype=dtype)
-    return torch.matmul(cols_t, rows_t).view(b, *o, 3)
+    grid = _scratch("grid", (b, *o, 3), dtype, torch.device(device)) if scratch else None
+    if grid is None:
+        return torch.matmul(cols_t, rows_t).view(b, *o, 3)
+    torch.matmul(cols_t, rows_t, out=grid.view(b, o[0], -1))
+    return grid
 
 
 def _reach_vox(params: AugmentParams, out_size: Sequence[int]) -> np.ndarray:
@@ -486,12 +528,14 @@ def apply(
     out_size: Sequence[int],
     num_classes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Augment a batch: image (B, C, I, J, K) float, label (B, I, J, K) long, weight (B, I, J, K) or None.
+    """Augment a batch: image (B, C, I, J, K) float, label (B, I, J, K) class indices, weight (B, I, J, K).
 
     Returns the centred `out_size` patch of each: image (B, C, *out_size), label (B, *out_size) long,
     weight (B, *out_size) float. The weight is 0 wherever the grid samples outside the input region
     (and keeps the input's zeros for unlabelled voxels); with `weight=None` every input voxel counts
     as labelled. Samples without a spatial transform are cut (and flipped), never interpolated.
+    Labels may be any integer dtype (uint8, as cached, is cheapest to convert); weight any dtype.
+    Runs on the tensors' device; on CPU, large temporaries are kept per thread (`release_scratch`).
     """
     if image.dim() != 5:
         raise VolsegError(None, f"augment expects an image batch (B, C, I, J, K), got shape {tuple(image.shape)}")
@@ -501,6 +545,10 @@ def apply(
     if tuple(label.shape) != (b, *in_size) or (weight is not None and weight.shape != label.shape):
         raise VolsegError(None, f"augment expects label and weight of shape {(b, *in_size)}, got "
                                 f"{tuple(label.shape)} and {None if weight is None else tuple(weight.shape)}")
+    if label.is_floating_point() or label.is_complex() or label.dtype == torch.bool:
+        raise VolsegError(None, f"augment expects integer class indices as labels, got {label.dtype}")
+    if label.device != image.device or (weight is not None and weight.device != image.device):
+        raise VolsegError(None, "augment expects image, label and weight on one device")
     if params.batch != b:
         raise VolsegError(None, f"augment parameters are for {params.batch} samples but the batch has {b}")
     if len(out) != 3 or any(o > i for o, i in zip(out, in_size)):
@@ -547,12 +595,11 @@ def _resample_batch(image: torch.Tensor, label: torch.Tensor, weight: torch.Tens
     lo_n, hi_n = _reach_boxes(params, in_size, out)
     lo, hi = lo_n.min(0), hi_n.max(0)
     box = tuple(slice(int(a), int(z) + 1) for a, z in zip(lo, hi))
-    # each sample's own box inside the common one: label conversion touches only those voxels
-    pieces = [tuple(slice(int(a), int(z) + 1) for a, z in zip(lo_n[n] - lo, hi_n[n] - lo)) for n in range(len(lo_n))]
     grid_dtype = torch.float64 if image.device.type == "cuda" else torch.float32  # no TF32 in the grid's matmul
-    grid = sampling_grid(params, hi - lo + 1, out, _centre_vox(in_size, out) - lo, image.device, grid_dtype)
+    grid = sampling_grid(params, hi - lo + 1, out, _centre_vox(in_size, out) - lo, image.device, grid_dtype,
+                         scratch=grid_dtype == image.dtype)
     return _resample(image[(slice(None), slice(None), *box)], label[(slice(None), *box)],
-                     None if weight is None else weight[(slice(None), *box)], grid.to(image.dtype), pieces,
+                     None if weight is None else weight[(slice(None), *box)], grid.to(image.dtype),
                      num_classes, params.label_mode)
 
 
@@ -582,12 +629,11 @@ def _merge_slabs(x: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _resample(image: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None, grid: torch.Tensor,
-              pieces: list[tuple[slice, ...]], num_classes: int, label_mode: str
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              num_classes: int, label_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Interpolate image channels once (linear) and labels + weight without inventing label values.
 
-    Labels go through `grid_sample` as floats. Only each sample's `piece` of the buffer is filled:
-    its grid reads nowhere else (the pieces carry a one-voxel margin), so the rest stays unset.
+    Labels go through `grid_sample` as floats. Each step is one whole-batch operation: on a busy
+    CPU every parallel operation can wait for a descheduled thread, so their number matters.
     """
     b = image.shape[0]
     dtype, device = image.dtype, image.device
@@ -595,43 +641,50 @@ def _resample(image: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | N
     if label_mode == "nearest":
         if weight is None:
             # label + 1 in one channel: zero padding marks the samples that fall outside the region
-            buf = torch.empty((b, 1, *label.shape[1:]), dtype=dtype, device=device)
-            for n, piece in enumerate(pieces):
-                buf[n, 0][piece].copy_(label[n][piece]).add_(1)  # (torch.add into float takes a slow path)
+            buf = _buffer("labels", (b, 1, *label.shape[1:]), dtype, device)
+            buf[:, 0].copy_(label)
+            buf.add_(1)  # (torch.add from an integer tensor into a float one takes a slow path)
             v = _merge_slabs(_grid_sample(buf, grid, "nearest"), b)[:, 0]
-            return image_out, v.long().sub_(1).clamp_(min=0), v.clamp(max=1)
+            return image_out, v.long().sub_(1).clamp_(min=0), v.clamp_(max=1)
         # label and weight share one nearest lookup; zero padding gives weight 0 outside the region
-        buf = torch.empty((b, 2, *label.shape[1:]), dtype=dtype, device=device)
-        for n, piece in enumerate(pieces):
-            buf[n, 0][piece].copy_(label[n][piece])
-            buf[n, 1][piece].copy_(weight[n][piece])
+        buf = _buffer("labels", (b, 2, *label.shape[1:]), dtype, device)
+        buf[:, 0].copy_(label)
+        buf[:, 1].copy_(weight)
         lw = _grid_sample(buf, grid, "nearest")
         return image_out, _merge_slabs(lw[:, :1].long(), b)[:, 0], _merge_slabs(lw[:, 1:], b)[:, 0]
-    # one-hot of labelled voxels only, so unlabelled voxels cast no vote
-    buf = torch.empty((b, num_classes + 1, *label.shape[1:]), dtype=dtype, device=device)
-    for n, piece in enumerate(pieces):
-        lab, slot = label[n][piece], buf[n]
-        known = weight[n][piece] > 0 if weight is not None else None
-        for k in range(num_classes):
-            torch.eq(lab, k, out=slot[k][piece]) if known is None else torch.logical_and(
-                lab == k, known, out=slot[k][piece])
-        if weight is None:
-            slot[-1][piece].fill_(1)
+    # one-hot of labelled voxels only, so unlabelled voxels cast no vote; the weight is interpolated too
+    buf = _buffer("labels", (b, num_classes + (weight is not None), *label.shape[1:]), dtype, device)
+    known = weight > 0 if weight is not None else None
+    for k in range(num_classes):
+        if known is None:
+            torch.eq(label, k, out=buf[:, k])
         else:
-            slot[-1][piece].copy_(weight[n][piece])
+            torch.logical_and(label == k, known, out=buf[:, k])
+    if weight is not None:
+        buf[:, -1].copy_(weight)
     res = _merge_slabs(_grid_sample(buf, grid, "bilinear"), b)
-    inside = (grid.abs() <= 1 + 1e-6).all(-1)  # linear weights need all corners inside the region
-    return image_out, res[:, :num_classes].argmax(1), res[:, -1] * _merge_slabs(inside[:, None], b)[:, 0]
+    inside = (grid.abs() <= 1 + 1e-6).all(-1).to(dtype)  # linear weights need all corners inside the region
+    weight_out = inside if weight is None else res[:, -1] * inside
+    return image_out, res[:, :num_classes].argmax(1), weight_out
 
 
 def _intensity(image: torch.Tensor, params: AugmentParams) -> None:
     """Noise, brightness, contrast and gamma (nnU-Net's order), in place on the drawn samples only."""
     device = image.device
-    for n in np.flatnonzero(params.noise_std > 0):
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(params.noise_seed[n]))
-        noise = torch.randn(image.shape[1:], generator=gen, device=device, dtype=image.dtype)
-        image[n].add_(noise, alpha=float(params.noise_std[n]))
+    noisy = np.flatnonzero(params.noise_std > 0)
+    if len(noisy):
+        # one generator per sample (replayable alone), one in-place update for the batch
+        noise = torch.empty((len(noisy), *image.shape[1:]), dtype=image.dtype, device=device)
+        for slot, n in enumerate(noisy):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(params.noise_seed[n]))
+            torch.randn(image.shape[1:], generator=gen, device=device, dtype=image.dtype, out=noise[slot])
+        std = torch.as_tensor(params.noise_std[noisy], dtype=image.dtype, device=device).view(-1, 1, 1, 1, 1)
+        if len(noisy) == len(image):
+            image.addcmul_(noise, std)
+        else:
+            idx = torch.as_tensor(noisy, device=device)
+            image.index_copy_(0, idx, torch.addcmul(image.index_select(0, idx), noise, std))
     for n in np.flatnonzero(params.brightness != 1):
         image[n].mul_(float(params.brightness[n]))
     spatial_dims = (1, 2, 3)
