@@ -29,66 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from volseg.config import AugmentConfig
 from volseg.errors import VolsegError
 
-_LABEL_MODES = ("nearest", "linear")
 _EPS = 1e-7
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Per-transform probabilities (per sample) and ranges; defaults follow nnU-Net's.
-
-    `zoom` is the magnification of the content: 2 shows objects twice as large (a smaller field of
-    view), 0.7 shrinks them. `elastic_magnitude_mm` bounds the control-point displacements (drawn
-    uniformly in +-magnitude, the magnitude itself uniformly in the range); `elastic_spacing_mm` is
-    the distance between control points: larger means smoother. When max/min spacing exceeds
-    `anisotropy_ratio`, rotation is about the thick axis only, and zoom and elastic displacement
-    stay in-plane. `label_mode` "nearest" copies the nearest label; "linear" interpolates one-hot
-    labels and takes the argmax (smoother borders, one extra channel per class).
-    """
-
-    rotation_p: float = 0.2
-    rotation_deg: tuple[float, float, float] = (30.0, 30.0, 30.0)  # max |angle| about axis 0, 1, 2
-    zoom_p: float = 0.2
-    zoom_range: tuple[float, float] = (0.7, 1.4)
-    zoom_per_axis: bool = False
-    elastic_p: float = 0.2
-    elastic_magnitude_mm: tuple[float, float] = (0.0, 6.0)
-    elastic_spacing_mm: float = 24.0
-    noise_p: float = 0.1
-    noise_std: tuple[float, float] = (0.0, 0.3)
-    brightness_p: float = 0.15
-    brightness_range: tuple[float, float] = (0.75, 1.25)
-    contrast_p: float = 0.15
-    contrast_range: tuple[float, float] = (0.75, 1.25)
-    gamma_p: float = 0.15
-    gamma_range: tuple[float, float] = (0.7, 1.5)
-    mirror_p: float = 0.5  # per axis
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
-    anisotropy_ratio: float = 3.0
-    label_mode: str = "nearest"  # "nearest" | "linear"
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name.endswith("_p") and not 0.0 <= value <= 1.0:
-                raise VolsegError(None, f"augment {f.name} must be a probability in [0, 1], got {value}")
-        for name in ("zoom_range", "elastic_magnitude_mm", "noise_std", "brightness_range", "contrast_range",
-                     "gamma_range"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise VolsegError(None, f"augment {name} must be (low, high) with 0 <= low <= high, got {(lo, hi)}")
-        if self.zoom_range[0] <= 0 or self.gamma_range[0] <= 0:
-            raise VolsegError(None, "augment zoom_range and gamma_range must be positive")
-        if len(self.rotation_deg) != 3 or any(not 0 <= a <= 180 for a in self.rotation_deg):
-            raise VolsegError(None, f"augment rotation_deg needs three angles in [0, 180], got {self.rotation_deg}")
-        if self.elastic_spacing_mm <= 0:
-            raise VolsegError(None, f"augment elastic_spacing_mm must be positive, got {self.elastic_spacing_mm}")
-        if any(a not in (0, 1, 2) for a in self.mirror_axes):
-            raise VolsegError(None, f"augment mirror_axes must be among 0, 1, 2, got {self.mirror_axes}")
-        if self.label_mode not in _LABEL_MODES:
-            raise VolsegError(None, f"augment label_mode {self.label_mode!r} is not one of {_LABEL_MODES}")
 
 
 @dataclass(frozen=True, eq=False)

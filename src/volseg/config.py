@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from volseg.errors import VolsegError
 
 FORMAT_VERSION = 1
+LABEL_MODES = ("nearest", "linear")
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,69 @@ class TrainConfig:
     poly_exponent: float = 0.9
     loss: str = "dice_ce"  # "dice_ce" | "ce" | "dice"
     foreground_fraction: float = 0.33
-    mirror: bool = True
+    augment: bool = True  # the `augment` section's transforms; False: patches as cut, no mirroring
     val_fraction: float = 0.2
     fold: int | None = None  # cross-validation: validate on fold `fold` of `folds` (None: val_fraction split)
     folds: int = 5
     patience: int = 0  # epochs without val-loss improvement before stopping; 0 = never stop early
     min_delta: float = 1e-4
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Per-transform probabilities (per sample) and ranges; defaults follow nnU-Net's.
+
+    `zoom` is the magnification of the content: 2 shows objects twice as large (a smaller field of
+    view), 0.7 shrinks them. `elastic_magnitude_mm` bounds the control-point displacements (drawn
+    uniformly in +-magnitude, the magnitude itself uniformly in the range); `elastic_spacing_mm` is
+    the distance between control points: larger means smoother. When max/min spacing exceeds
+    `anisotropy_ratio`, rotation is about the thick axis only, and zoom and elastic displacement
+    stay in-plane. `label_mode` "nearest" copies the nearest label; "linear" interpolates one-hot
+    labels and takes the argmax (smoother borders, one extra channel per class).
+    """
+
+    rotation_p: float = 0.2
+    rotation_deg: tuple[float, float, float] = (30.0, 30.0, 30.0)  # max |angle| about axis 0, 1, 2
+    zoom_p: float = 0.2
+    zoom_range: tuple[float, float] = (0.7, 1.4)
+    zoom_per_axis: bool = False
+    elastic_p: float = 0.2
+    elastic_magnitude_mm: tuple[float, float] = (0.0, 6.0)
+    elastic_spacing_mm: float = 24.0
+    noise_p: float = 0.1
+    noise_std: tuple[float, float] = (0.0, 0.3)
+    brightness_p: float = 0.15
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    contrast_p: float = 0.15
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    gamma_p: float = 0.15
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    mirror_p: float = 0.5  # per axis
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    anisotropy_ratio: float = 3.0
+    label_mode: str = "nearest"  # "nearest" | "linear"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_p") and not 0.0 <= value <= 1.0:
+                raise VolsegError(None, f"augment {f.name} must be a probability in [0, 1], got {value}")
+        for name in ("zoom_range", "elastic_magnitude_mm", "noise_std", "brightness_range", "contrast_range",
+                     "gamma_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise VolsegError(None, f"augment {name} must be (low, high) with 0 <= low <= high, got {(lo, hi)}")
+        if self.zoom_range[0] <= 0 or self.gamma_range[0] <= 0:
+            raise VolsegError(None, "augment zoom_range and gamma_range must be positive")
+        if len(self.rotation_deg) != 3 or any(not 0 <= a <= 180 for a in self.rotation_deg):
+            raise VolsegError(None, f"augment rotation_deg needs three angles in [0, 180], got {self.rotation_deg}")
+        if self.elastic_spacing_mm <= 0:
+            raise VolsegError(None, f"augment elastic_spacing_mm must be positive, got {self.elastic_spacing_mm}")
+        if any(a not in (0, 1, 2) for a in self.mirror_axes):
+            raise VolsegError(None, f"augment mirror_axes must be among 0, 1, 2, got {self.mirror_axes}")
+        if self.label_mode not in LABEL_MODES:
+            raise VolsegError(None, f"augment label_mode {self.label_mode!r} is not one of {LABEL_MODES}")
 
 
 @dataclass(frozen=True)
@@ -105,6 +162,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -132,6 +190,7 @@ class Config:
                 model=_build(ModelConfig, raw.get("model", {})),
                 train=_build(TrainConfig, raw.get("train", {})),
                 infer=_build(InferConfig, raw.get("infer", {})),
+                augment=_build(AugmentConfig, raw.get("augment", {})),
                 version=version,
             )
         except (TypeError, ValueError) as exc:

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from volseg import augment as aug
 from volseg import io
-from volseg.config import DataConfig
+from volseg.config import AugmentConfig, DataConfig
 from volseg.errors import VolsegError
 from volseg.preprocessing import encode_labels, needs_resampling, normalize, resample_image, resample_labels
 from volseg.sampling import crop_pad, random_patch_start
@@ -105,13 +106,19 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def sample_patch(
-    case: CaseData, patch: Sequence[int], rng: np.random.Generator, force_fg: bool, mirror: bool
+    case: CaseData,
+    patch: Sequence[int],
+    rng: np.random.Generator,
+    force_fg: bool,
+    mirror: bool,
+    region: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One (image, class-index, weight) patch; `force_fg` centres it on a random labelled object voxel.
 
     With sparse labels, patches not forced onto foreground are centred on a random labelled voxel,
-    so no patch is wasted on a region without annotation. Padding outside the volume gets weight 0: the network
-    is not taught what lies beyond the scan.
+    so no patch is wasted on a region without annotation. Padding outside the volume gets weight 0:
+    the network is not taught what lies beyond the scan. With `region` (larger than `patch`), the
+    region centred on the chosen patch is cut instead, for augmentation to resample from.
     """
     center = None
     classes = [c for c, pos in case.fg_voxels.items() if len(pos)]
@@ -122,9 +129,13 @@ def sample_patch(
         center = case.labelled_voxels[rng.integers(len(case.labelled_voxels))]
     shape = case.label.shape
     start = random_patch_start(shape, patch, rng, center)
-    x = crop_pad(case.image, start, patch)
-    y = crop_pad(case.label, start, patch)
-    w = crop_pad(case.weight if case.weight is not None else np.ones(shape, np.uint8), start, patch)
+    size = tuple(patch)
+    if region is not None:
+        start = tuple(s - (r - p) // 2 for s, r, p in zip(start, region, patch))
+        size = tuple(region)
+    x = crop_pad(case.image, start, size)
+    y = crop_pad(case.label, start, size)
+    w = crop_pad(case.weight if case.weight is not None else np.ones(shape, np.uint8), start, size)
     if mirror:
         for axis in range(3):
             if rng.random() < 0.5:
@@ -139,16 +150,32 @@ def sample_batch(
     rng: np.random.Generator,
     fg_fraction: float,
     mirror: bool,
+    augment: AugmentConfig | None = None,
+    num_classes: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A training batch; at least round(fg_fraction * batch) patches hold labelled foreground."""
+    """A training batch; at least round(fg_fraction * batch) patches hold labelled foreground.
+
+    With `augment`, parameters are drawn for the whole batch first, a region large enough for them
+    is cut around each patch, and one batched resampling produces the patches (`mirror` is then
+    the augment config's business).
+    """
     n_fg = max(1, round(fg_fraction * batch_size)) if fg_fraction > 0 else 0
+    params = region = None
+    if augment is not None:
+        params = aug.sample_params(rng, batch_size, augment, cases[0].spacing, patch)
+        region = aug.input_size_for_params(params, patch)
     xs, ys, ws = [], [], []
     for b in range(batch_size):
         case = cases[rng.integers(len(cases))]
-        x, y, w = sample_patch(case, patch, rng, force_fg=b >= batch_size - n_fg, mirror=mirror)
+        x, y, w = sample_patch(case, patch, rng, force_fg=b >= batch_size - n_fg,
+                               mirror=mirror and augment is None, region=region)
         xs.append(x)
         ys.append(y)
         ws.append(w)
+    if params is not None:
+        x_t, y_t, w_t = aug.apply(torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
+                                  torch.from_numpy(np.stack(ws)), params, tuple(patch), num_classes)
+        return x_t.contiguous(), y_t.long(), w_t.float()
     return (
         torch.from_numpy(np.stack(xs)),
         torch.from_numpy(np.stack(ys).astype(np.int64)),
@@ -160,8 +187,9 @@ class BatchStream:
     """Batches produced by a background thread, so patch cutting overlaps the training step."""
 
     def __init__(self, cases: Sequence[CaseData], patch: Sequence[int], batch_size: int, rng: np.random.Generator,
-                 fg_fraction: float, mirror: bool, prefetch: int = 2) -> None:
-        self._args = (cases, patch, batch_size, rng, fg_fraction, mirror)
+                 fg_fraction: float, mirror: bool, prefetch: int = 2, augment: AugmentConfig | None = None,
+                 num_classes: int = 2) -> None:
+        self._args = (cases, patch, batch_size, rng, fg_fraction, mirror, augment, num_classes)
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -397,7 +397,8 @@ def _train(
     model.train()
     while epoch < tc.max_epochs:
         stream = BatchStream(train_cases, tc.patch_size, tc.batch_size, np.random.default_rng([tc.seed, epoch, dist.rank]),
-                             tc.foreground_fraction, tc.mirror)
+                             tc.foreground_fraction, mirror=False, augment=cfg.augment if tc.augment else None,
+                             num_classes=cfg.model.num_classes)
         epoch_start = time.monotonic()
         losses, wait_s = [], 0.0
         step, over_budget = 0, False
@@ -570,7 +571,7 @@ def _resume_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], max_min
 def _apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], seed: int | None, max_minutes: float | None) -> Config:
     """Planned defaults, then user overrides, checked against the dataclass fields."""
     sections = {}
-    for name in ("data", "model", "train", "infer"):
+    for name in ("data", "model", "train", "infer", "augment"):
         section = getattr(cfg, name)
         values = dict(overrides.get(name, {}))
         if name == "train":
