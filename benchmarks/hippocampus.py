@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,19 +32,28 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--out", type=Path, default=Path("bench_out/hippocampus"))
     parser.add_argument("--extra", default="", help="extra `volseg train` flags, e.g. '--base-width 24'")
+    parser.add_argument("--reuse-run", action="store_true",
+                        help="re-score an existing --out (same split, trained model): predict and evaluate only")
     args = parser.parse_args()
     if not (args.data / "dataset.json").exists():
         sys.exit(f"{args.data}: no dataset.json (pass --data)")
-    if args.out.exists() and any(args.out.iterdir()):
-        sys.exit(f"{args.out}: exists; remove it or pass another --out")
-    train_ds, test_img, test_lbl, n_train, n_test = split_dataset(args.data, args.out, args.test_fraction, args.seed)
-    volseg = VOLSEG
     run_dir, pred = args.out / "run", args.out / "predictions"
-    train_s = run(volseg + ["train", str(train_ds), "-o", str(run_dir), "--max-minutes", str(args.minutes),
-                            "--seed", str(args.seed), *args.extra.split()])
-    predict_s = run(volseg + ["predict", "-m", str(run_dir), "-i", str(test_img), "-o", str(pred)])
+    if args.reuse_run:
+        train_ds, test_img, test_lbl = args.out / "train_dataset", args.out / "test_images", args.out / "test_labels"
+        n_train, n_test = len(list((train_ds / "labelsTr").iterdir())), len(list(test_lbl.iterdir()))
+        with open(run_dir / "metrics.csv") as fh:
+            train_s = float(list(csv.DictReader(fh))[-1]["seconds"])
+        if pred.exists():
+            shutil.rmtree(pred)
+    else:
+        if args.out.exists() and any(args.out.iterdir()):
+            sys.exit(f"{args.out}: exists; remove it, pass another --out, or --reuse-run")
+        train_ds, test_img, test_lbl, n_train, n_test = split_dataset(args.data, args.out, args.test_fraction, args.seed)
+        train_s = run(VOLSEG + ["train", str(train_ds), "-o", str(run_dir), "--max-minutes", str(args.minutes),
+                                "--seed", str(args.seed), *args.extra.split()])
+    predict_s = run(VOLSEG + ["predict", "-m", str(run_dir), "-i", str(test_img), "-o", str(pred)])
     metrics = args.out / "metrics.csv"
-    run(volseg + ["evaluate", str(pred), str(test_lbl), "-o", str(metrics),
+    run(VOLSEG + ["evaluate", str(pred), str(test_lbl), "-o", str(metrics),
                   "--dataset-json", str(train_ds / "dataset.json")])
     dice = dice_per_class(metrics)
     curve = []

@@ -197,10 +197,16 @@ class Config:
             raise VolsegError(source, f"config has wrong fields or types: {exc}") from None
 
 
+# Fields that format version 1 files may still carry but that no longer mean anything: skipped on
+# reading (mirroring moved into the `augment` section), so older model files keep loading.
+_RETIRED: dict[str, tuple[str, ...]] = {"TrainConfig": ("mirror",)}
+
+
 def _build(cls: type, values: dict[str, Any]) -> Any:
     """Build a dataclass from JSON, turning lists back into tuples and rejecting unknown keys."""
     if not isinstance(values, dict):
         raise TypeError(f"{cls.__name__} must be an object")
+    values = {k: v for k, v in values.items() if k not in _RETIRED.get(cls.__name__, ())}
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(names)
     if unknown:
