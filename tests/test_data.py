@@ -307,3 +307,17 @@ def test_identity_augmentation_equals_plain_patches():
     plain = sample_batch(two_cases(), (8, 8, 8), 3, rng, fg_fraction=0.5, mirror=False)
     for a, b in zip(aug, plain):
         assert torch.equal(a, b.to(a.dtype))
+
+
+def test_deferred_augmentation_matches_immediate():
+    """On a GPU the regions are resampled on the device; the result equals resampling in the loader."""
+    from volseg.config import AugmentConfig
+    from volseg.data import finish_augment
+
+    strong = AugmentConfig(rotation_p=1, zoom_p=1, elastic_p=1, noise_p=0, mirror_p=0.5)
+    now = sample_batch(two_cases(), (8, 8, 8), 3, np.random.default_rng(5), 1.0, False, augment=strong, num_classes=3)
+    later = sample_batch(two_cases(), (8, 8, 8), 3, np.random.default_rng(5), 1.0, False, augment=strong,
+                         num_classes=3, defer_augment=True)
+    assert len(later) == 4 and later[0].shape[2:] != (8, 8, 8)  # regions larger than the patch
+    for a, b in zip(now, finish_augment(*later, (8, 8, 8), 3)):
+        assert torch.equal(a, b)

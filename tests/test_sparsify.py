@@ -132,3 +132,19 @@ def test_training_on_sparse_labels_reports_dense_dice(tiny_dataset: Path, tmp_pa
     for f in pred.iterdir():
         values = set(np.unique(np.asarray(nib.load(f).dataobj)).tolist())
         assert values <= {0, 1, 2}
+
+
+def test_evaluate_against_sparse_reference_scores_labelled_voxels_only(tmp_path: Path) -> None:
+    from volseg.report import evaluate_folders
+
+    ref = np.full((10, 10, 10), 9, np.uint8)  # 9 = ignore
+    ref[:, :, 5] = 0
+    ref[2:6, 2:6, 5] = 1
+    pred = np.zeros((10, 10, 10), np.uint8)
+    pred[2:6, 2:6, :] = 1  # right on the labelled slice; the rest is unlabelled and must not count
+    io.write_volume(tmp_path / "ref" / "a.nii.gz", ref)
+    io.write_volume(tmp_path / "pred" / "a.nii.gz", pred)
+    rows = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "fg"}, ignore_label=9)
+    assert rows[0]["dice"] == pytest.approx(1.0) and rows[0]["n_pred"] == 16
+    plain = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "fg"})
+    assert plain[0]["dice"] < 0.2  # without the ignore label, the unlabelled voxels count as misses

@@ -147,15 +147,17 @@ def evaluate(
 
     labels = None
     ending = ".nii.gz"
+    ignore = None
     candidate = dataset_json or (ref.parent / "dataset.json")
     if candidate.is_file():
         info = io.read_dataset_info(candidate.parent)
         labels = {v: n for n, v in info.labels if v != 0 and v != info.ignore_label}
         ending = info.file_ending
+        ignore = info.ignore_label
     elif dataset_json is not None:
         raise VolsegError(dataset_json, "file not found")
     rows = report.evaluate_folders(pred, ref, labels, file_ending=ending, out_csv=output, workers=workers,
-                                   nsd_tolerance_mm=nsd_tolerance_mm)
+                                   nsd_tolerance_mm=nsd_tolerance_mm, ignore_label=ignore)
     summary = report.summarize(rows)
     summary["nsd_tolerance_mm"] = nsd_tolerance_mm
     report.write_json(output.with_suffix(".summary.json"), summary)

@@ -152,12 +152,15 @@ def sample_batch(
     mirror: bool,
     augment: AugmentConfig | None = None,
     num_classes: int = 2,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A training batch; at least round(fg_fraction * batch) patches hold labelled foreground.
+    defer_augment: bool = False,
+) -> tuple:
+    """A training batch (image, class index, weight); at least round(fg_fraction * batch) patches
+    hold labelled foreground.
 
     With `augment`, parameters are drawn for the whole batch first, a region large enough for them
     is cut around each patch, and one batched resampling produces the patches (`mirror` is then
-    the augment config's business).
+    the augment config's business). `defer_augment` returns the regions and the parameters as a
+    fourth item instead, so the caller can resample on the GPU (`finish_augment`).
     """
     n_fg = max(1, round(fg_fraction * batch_size)) if fg_fraction > 0 else 0
     params = region = None
@@ -173,9 +176,10 @@ def sample_batch(
         ys.append(y)
         ws.append(w)
     if params is not None:
-        x_t, y_t, w_t = aug.apply(torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
-                                  torch.from_numpy(np.stack(ws)), params, tuple(patch), num_classes)
-        return x_t.contiguous(), y_t.long(), w_t.float()
+        regions = (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), torch.from_numpy(np.stack(ws)))
+        if defer_augment:
+            return (*regions, params)
+        return finish_augment(*regions, params, patch, num_classes)
     return (
         torch.from_numpy(np.stack(xs)),
         torch.from_numpy(np.stack(ys).astype(np.int64)),
@@ -183,13 +187,22 @@ def sample_batch(
     )
 
 
+def finish_augment(
+    image: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, params: aug.AugmentParams,
+    patch: Sequence[int], num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Resample cut regions into augmented patches, on whatever device the tensors are on."""
+    x, y, w = aug.apply(image, label, weight, params, tuple(patch), num_classes)
+    return x.contiguous(), y.long(), w.float()
+
+
 class BatchStream:
     """Batches produced by a background thread, so patch cutting overlaps the training step."""
 
     def __init__(self, cases: Sequence[CaseData], patch: Sequence[int], batch_size: int, rng: np.random.Generator,
                  fg_fraction: float, mirror: bool, prefetch: int = 2, augment: AugmentConfig | None = None,
-                 num_classes: int = 2) -> None:
-        self._args = (cases, patch, batch_size, rng, fg_fraction, mirror, augment, num_classes)
+                 num_classes: int = 2, defer_augment: bool = False) -> None:
+        self._args = (cases, patch, batch_size, rng, fg_fraction, mirror, augment, num_classes, defer_augment)
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -208,10 +221,10 @@ class BatchStream:
         except BaseException as exc:  # surface worker errors in the training thread
             self._queue.put(exc)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item

@@ -51,6 +51,7 @@ def evaluate_folders(
     out_csv: PathLike | None = None,
     workers: int = 1,
     nsd_tolerance_mm: float = metrics.NSD_TOLERANCE_MM,
+    ignore_label: int | None = None,
 ) -> list[dict]:
     """Score every `<case><file_ending>` in `pred_dir` against the same name in `ref_dir`.
 
@@ -58,6 +59,8 @@ def evaluate_folders(
     (named by its value). Returns one row per case and label, with `CSV_COLUMNS` as keys, sorted
     by case then label, and writes them to `out_csv` when given. Spacing comes from the reference;
     `nsd_tolerance_mm` is the surface Dice tolerance (docs/metrics.md has every definition).
+    With `ignore_label` (sparse references), voxels the reference marks unlabelled are left out of
+    every metric: both maps are set to background there before scoring.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     pairs = _pair_files(pred_dir, ref_dir, file_ending)
@@ -69,7 +72,7 @@ def evaluate_folders(
             None, f"NSD tolerance must be a finite number of mm >= 0, got {nsd_tolerance_mm}"
         )
     wanted = None if labels is None else sorted(int(v) for v in labels)
-    jobs = [(case, str(pred), str(ref), wanted, tolerance) for case, pred, ref in pairs]
+    jobs = [(case, str(pred), str(ref), wanted, tolerance, ignore_label) for case, pred, ref in pairs]
     results = _run_jobs(jobs, workers)
 
     if labels is None:
@@ -159,7 +162,8 @@ def _unwrap(outcome: tuple[str, Any]) -> tuple[str, dict, set[int]]:
 
 
 def _evaluate_case(
-    case: str, pred_path: str, ref_path: str, wanted: list[int] | None, nsd_tolerance_mm: float
+    case: str, pred_path: str, ref_path: str, wanted: list[int] | None, nsd_tolerance_mm: float,
+    ignore_label: int | None = None,
 ) -> tuple[str, dict[int, dict[str, float]], set[int]]:
     """(case, metrics per label, non-zero values in the reference) for one pair of files."""
     pred = io.read_label(pred_path)
@@ -180,6 +184,11 @@ def _evaluate_case(
             "predict on the reference grid or resample the prediction first",
         )
     pred_array, ref_array = pred.array[0], ref.array[0]
+    if ignore_label is not None:
+        unlabelled = ref_array == ignore_label
+        if unlabelled.any():
+            pred_array = np.where(unlabelled, 0, pred_array).astype(pred_array.dtype)
+            ref_array = np.where(unlabelled, 0, ref_array).astype(ref_array.dtype)
     ref_values = _nonzero_values(ref_array)
     labels = wanted if wanted is not None else sorted(ref_values | _nonzero_values(pred_array))
     scores = metrics.compute(pred_array, ref_array, ref.spacing, labels, nsd_tolerance_mm)

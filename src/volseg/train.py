@@ -24,7 +24,7 @@ import torch
 from volseg import io
 from volseg.checkpoint import MODEL_BEST, MODEL_LAST, TRAIN_STATE, load_train_state, read_model_file, save_model, save_train_state
 from volseg.config import Config, DataConfig
-from volseg.data import BatchStream, CaseData, preprocess_case
+from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
 from volseg.errors import VolsegError
 from volseg.inference import output_window, resolve_device, sliding_window
 from volseg.losses import get_loss
@@ -398,7 +398,7 @@ def _train(
     while epoch < tc.max_epochs:
         stream = BatchStream(train_cases, tc.patch_size, tc.batch_size, np.random.default_rng([tc.seed, epoch, dist.rank]),
                              tc.foreground_fraction, mirror=False, augment=cfg.augment if tc.augment else None,
-                             num_classes=cfg.model.num_classes)
+                             num_classes=cfg.model.num_classes, defer_augment=dev.type == "cuda")
         epoch_start = time.monotonic()
         losses, wait_s = [], 0.0
         step, over_budget = 0, False
@@ -422,9 +422,11 @@ def _train(
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 tw = time.monotonic()
-                x, y, w = next(stream)
+                batch = next(stream)
                 wait_s += time.monotonic() - tw
-                x, y, w = x.to(dev, non_blocking=True), y.to(dev), w.to(dev)
+                x, y, w = (t.to(dev, non_blocking=True) for t in batch[:3])
+                if len(batch) == 4:  # regions cut on the CPU, resampled here on the GPU
+                    x, y, w = finish_augment(x, y, w, batch[3], tc.patch_size, cfg.model.num_classes)
                 with torch.autocast(dev.type, dtype=scaler_dtype, enabled=scaler_dtype is not None):
                     logits = model(x)
                 if cfg.model.padding == "valid":
