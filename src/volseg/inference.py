@@ -82,6 +82,7 @@ def sliding_window(
     norm = torch.zeros(padded, dtype=torch.float32, device=device)
     starts = sliding_window_grid(padded, out_patch, overlap)
     image_t = torch.from_numpy(np.require(image, np.float32, ["C", "W"]))  # memmaps are read-only
+    needs_padding = any(margin) or padded != tuple(shape)
     iterator = range(0, len(starts), batch_size)
     if progress:
         from tqdm import tqdm
@@ -89,13 +90,10 @@ def sliding_window(
         iterator = tqdm(iterator, desc="windows", leave=False, unit="batch", disable=None)
     for b in iterator:
         batch_starts = starts[b : b + batch_size]
-        tiles = [
-            torch.from_numpy(crop_pad(image, [s - m for s, m in zip(st, margin)], patch))
-            for st in batch_starts
-        ] if margin != [0, 0, 0] or padded != shape else [
-            image_t[:, st[0] : st[0] + patch[0], st[1] : st[1] + patch[1], st[2] : st[2] + patch[2]]
-            for st in batch_starts
-        ]
+        if needs_padding:  # windows reach outside the image: cut with zero padding
+            tiles = [torch.from_numpy(crop_pad(image, [s - m for s, m in zip(st, margin)], patch)) for st in batch_starts]
+        else:  # plain views of the image
+            tiles = [image_t[(slice(None), *(slice(s, s + p) for s, p in zip(st, patch)))] for st in batch_starts]
         x = torch.stack(tiles).to(device)
         probs = torch.softmax(predictor(x).float(), dim=1)
         for st, p in zip(batch_starts, probs):

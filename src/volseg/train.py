@@ -137,7 +137,7 @@ def split_cases(
     ids = sorted(case_ids)
     if fold is not None:
         if not 0 <= fold < folds or folds < 2:
-            raise VolsegError(None, f"fold {fold} of {folds} does not exist", f"use 0 <= fold < folds, folds >= 2")
+            raise VolsegError(None, f"fold {fold} of {folds} does not exist", "use 0 <= fold < folds, folds >= 2")
         if len(ids) < folds:
             raise VolsegError(None, f"{len(ids)} cases cannot make {folds} folds")
         perm = np.random.default_rng(seed).permutation(len(ids))
