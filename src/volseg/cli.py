@@ -51,7 +51,7 @@ def train(
     base_width: Annotated[Optional[int], typer.Option(help="feature channels at full resolution")] = None,
     depth: Annotated[Optional[int], typer.Option(help="resolution levels of the U-Net")] = None,
     norm: Annotated[Optional[str], typer.Option(help="instance, batch or none")] = None,
-    normalization: Annotated[Optional[str], typer.Option(help="zscore, zscore_nonzero or none")] = None,
+    normalization: Annotated[Optional[str], typer.Option(help="zscore, zscore_nonzero, ct or none for every channel (default: planned per channel)")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="plan file from `volseg plan` (default: plan now)")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="random rotation, scaling, elastic deformation, intensity changes and mirroring of training patches")] = None,
     fold: Annotated[Optional[int], typer.Option(help="cross-validation fold to validate on (0-based)")] = None,
@@ -70,7 +70,8 @@ def train(
             "augment": augment,
         },
         "model": {"base_width": base_width, "depth": depth, "norm": norm},
-        "data": {"normalization": normalization},
+        # one method for every channel replaces the planned per-channel choice
+        "data": {"normalization": normalization, "channel_normalization": () if normalization else None},
     }
 
     def plot(run_dir: Path, row: dict[str, Any]) -> None:
