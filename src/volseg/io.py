@@ -15,11 +15,12 @@ import re
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import nibabel as nib
 import numpy as np
@@ -1009,3 +1010,29 @@ def read_grid(path: str | os.PathLike) -> tuple[tuple[int, int, int], tuple[floa
     if grid is None:
         return None
     return (grid.shape[0], grid.shape[1], grid.shape[2]), affine_spacing(grid.affine)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open ("w" or "wb") a temporary sibling of `path`; move it onto `path` only on success.
+
+    Every table, JSON and plot volseg writes goes through here, so a crash never leaves a
+    half-written file under the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    text_kw = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+    try:
+        with open(tmp, mode.replace("w", "x"), **text_kw) as f:  # "x": never clobber a stray file
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a whole text file atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)

@@ -45,13 +45,15 @@ class _DoubleConv(nn.Sequential):
         )
 
 
-def _center_crop(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Crop the spatial centre of a skip tensor to the decoder's size (needed with valid padding)."""
-    slices = [slice(None), slice(None)]
-    for have, want in zip(t.shape[2:], size):
-        start = (have - want) // 2
-        slices.append(slice(start, start + want))
-    return t[tuple(slices)]
+def center_crop(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Crop the centre of the trailing len(size) axes to `size` (valid padding shrinks outputs).
+
+    >>> center_crop(torch.arange(6).reshape(1, 6), (2,)).tolist()
+    [[2, 3]]
+    """
+    lead = [slice(None)] * (t.ndim - len(size))
+    crop = [slice((have - want) // 2, (have - want) // 2 + want) for have, want in zip(t.shape[-len(size):], size)]
+    return t[tuple(lead + crop)]
 
 
 class UNet3d(nn.Module):
@@ -112,7 +114,7 @@ class UNet3d(nn.Module):
             x = up(x)
             skip = skips.pop()
             if skip.shape[2:] != x.shape[2:]:
-                skip = _center_crop(skip, tuple(x.shape[2:]))
+                skip = center_crop(skip, tuple(x.shape[2:]))
             x = dec(torch.cat([skip, x], dim=1))
         return self.head(x)
 

@@ -8,16 +8,14 @@ this module stays fast and no global backend is switched.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -311,33 +309,16 @@ def format_summary(summary: dict) -> str:
 # files
 
 
-@contextlib.contextmanager
-def _atomic_open(path: PathLike, mode: str) -> Iterator[IO]:
-    """Open ("w" or "wb") a temporary sibling of `path`; move it onto `path` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    text_kw = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-    try:
-        with open(tmp, mode.replace("w", "x"), **text_kw) as f:  # "x": never clobber a stray file
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically; NaN/inf are refused (they are not JSON)."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    with _atomic_open(path, "w") as f:
+    with io.atomic_open(path, "w") as f:
         f.write(text)
 
 
 def write_csv_rows(path: PathLike, rows: Sequence[dict], columns: Sequence[str]) -> None:
     """Write `rows` under the header `columns`, atomically; keys outside `columns` are dropped."""
-    with _atomic_open(path, "w") as f:
+    with io.atomic_open(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", restval="")
         writer.writeheader()
         writer.writerows(rows)
@@ -358,7 +339,7 @@ def _new_figure(width_in: float, height_in: float) -> Any:
 
 
 def _save_png(fig: Any, out_png: PathLike, dpi: int = 110) -> None:
-    with _atomic_open(out_png, "wb") as f:
+    with io.atomic_open(out_png, "wb") as f:
         fig.savefig(f, format="png", dpi=dpi)
 
 

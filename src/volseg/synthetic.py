@@ -380,7 +380,7 @@ def write_dataset(
     be regenerated alone; test cases continue the numbering (i = n_cases .. n_cases + n_test - 1) and go
     to imagesTs/ and labelsTs/. Images are one file per channel (``case_000_0000.nii.gz``).
     """
-    from volseg.io import write_volume  # one layer below us; imported here so make_phantom needs no io
+    from volseg.io import write_text_atomic, write_volume  # one layer below; lazy so make_phantom needs no io
 
     shape, spacing = _check_params(shape_vox, spacing_mm, n_classes, n_channels, noise, bias, None)
     _check_int("n_cases", n_cases, 1)
@@ -432,7 +432,5 @@ def write_dataset(
         "description": "volseg synthetic phantoms: " + json.dumps(params, sort_keys=True),
         "generator_params": params,
     }
-    tmp = out / "dataset.json.tmp"
-    tmp.write_text(json.dumps(dataset, indent=2) + "\n")
-    tmp.replace(out / "dataset.json")
+    write_text_atomic(out / "dataset.json", json.dumps(dataset, indent=2) + "\n")
     return out

@@ -26,9 +26,9 @@ from volseg.checkpoint import MODEL_BEST, MODEL_LAST, TRAIN_STATE, load_train_st
 from volseg.config import Config, DataConfig
 from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
 from volseg.errors import VolsegError
-from volseg.inference import output_window, resolve_device, sliding_window
+from volseg.inference import make_predictor, output_window, resolve_device, sliding_window
 from volseg.losses import get_loss
-from volseg.model import UNet3d
+from volseg.model import UNet3d, center_crop
 from volseg.planning import make_plan
 from volseg.preprocessing import encode_labels
 
@@ -198,7 +198,7 @@ def validate(
     losses = []
     for case in cases:
         probs = sliding_window(
-            np.asarray(case.image), _amp_predictor(model, device), cfg.train.patch_size, n_cls,
+            np.asarray(case.image), make_predictor(model, device), cfg.train.patch_size, n_cls,
             overlap=cfg.infer.overlap, blend=cfg.infer.blend, batch_size=cfg.infer.batch_size,
             device=device, out_patch=out_patch,
         )
@@ -235,17 +235,6 @@ def validate(
     return result
 
 
-def _amp_predictor(model: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    if device.type != "cuda":
-        return model
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(x)
-
-    return predict
-
-
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite the per-epoch CSV atomically (a crash never leaves a truncated table)."""
     columns: list[str] = []
@@ -255,13 +244,7 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_text(path, buf.getvalue())
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    io.write_text_atomic(path, buf.getvalue())
 
 
 def train(
@@ -335,7 +318,7 @@ def _train(
         if cfg.model.in_channels != len(info.channel_names) or cfg.data.class_values != data_config_from_dataset(info).class_values:
             raise VolsegError(plan or dataset, "plan does not match the dataset's channels or labels")
         if dist.main:
-            _atomic_text(out / PLAN_JSON, json.dumps({"config": json.loads(cfg.to_json()), "fingerprint": fingerprint}, indent=2))
+            io.write_text_atomic(out / PLAN_JSON, json.dumps({"config": json.loads(cfg.to_json()), "fingerprint": fingerprint}, indent=2))
     else:
         cfg = _resume_overrides(cfg, overrides or {}, max_minutes)
     cache = out / "preprocessed"
@@ -354,8 +337,8 @@ def _train(
     output_window(cfg, tc.patch_size)  # refuse a patch the network cannot take before any work
     train_ids, val_ids = split_cases(list(prepared), tc.val_fraction, tc.seed, tc.fold, tc.folds)
     if dist.main:
-        _atomic_text(out / CONFIG_JSON, cfg.to_json())
-        _atomic_text(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids}, indent=1))
+        io.write_text_atomic(out / CONFIG_JSON, cfg.to_json())
+        io.write_text_atomic(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids}, indent=1))
     train_cases = [c for c in (prepared[i] for i in train_ids) if c.labelled_voxels is None or len(c.labelled_voxels)]
     if not train_cases:
         raise VolsegError(dataset, "no training case has any labelled voxel")
@@ -430,7 +413,7 @@ def _train(
                 with torch.autocast(dev.type, dtype=scaler_dtype, enabled=scaler_dtype is not None):
                     logits = model(x)
                 if cfg.model.padding == "valid":
-                    y, w = _crop_target(y, logits.shape[2:]), _crop_target(w, logits.shape[2:])
+                    y, w = center_crop(y, tuple(logits.shape[2:])), center_crop(w, tuple(logits.shape[2:]))
                 loss = loss_fn(logits.float(), y, w)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -528,15 +511,6 @@ def _dense_labels(dataset: Path, cases: list[CaseData], data: DataConfig) -> dic
         if path.exists():
             dense[case.case_id] = encode_labels(io.read_label(path).array[0], data.class_values)[0]
     return dense
-
-
-def _crop_target(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Centre-crop targets to a valid-padding network's smaller output."""
-    sl = [slice(None)]
-    for have, want in zip(t.shape[1:], size):
-        s = (have - want) // 2
-        sl.append(slice(s, s + want))
-    return t[tuple(sl)]
 
 
 _RESUMABLE = {"max_epochs", "max_minutes", "patience", "min_delta"}
