@@ -66,16 +66,10 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
         rng = np.random.default_rng(0)
         fg = {}
         for c in range(1, len(data.class_values)):
-            pos = np.argwhere((index == c) & (known > 0)).astype(np.int32)
-            if len(pos) > _MAX_FG_VOXELS:
-                pos = pos[rng.choice(len(pos), _MAX_FG_VOXELS, replace=False)]
-            fg[f"c{c}"] = pos
+            fg[f"c{c}"] = _positions((index == c) & (known > 0), rng)
         if not known.all():
             # sparse labels: remember where annotation exists so that no patch misses it
-            pos = np.argwhere(known > 0).astype(np.int32)
-            if len(pos) > _MAX_FG_VOXELS:
-                pos = pos[rng.choice(len(pos), _MAX_FG_VOXELS, replace=False)]
-            fg["labelled"] = pos
+            fg["labelled"] = _positions(known > 0, rng)
         cache_dir.mkdir(parents=True, exist_ok=True)
         _save_npy(stem.with_name(case.case_id + "_image.npy"), normalize(pixels, data.channel_methods, data.intensity_stats))
         _save_npy(stem.with_name(case.case_id + "_label.npy"), index)
@@ -97,6 +91,14 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
         spacing=tuple(meta["spacing"]),
         labelled_voxels=labelled,
     )
+
+
+def _positions(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N, 3) voxel positions where `mask` holds, a seeded sample of at most _MAX_FG_VOXELS."""
+    pos = np.argwhere(mask).astype(np.int32)
+    if len(pos) > _MAX_FG_VOXELS:
+        pos = pos[rng.choice(len(pos), _MAX_FG_VOXELS, replace=False)]
+    return pos
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
