@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from volseg.errors import VolsegError
-from volseg.losses import LOSSES, cross_entropy, dice_ce, get_loss, soft_dice
+from volseg.losses import LOSSES, bce_dice, binary_cross_entropy, cross_entropy, dice_ce, get_loss, soft_dice
 
 
 def two_voxels() -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +125,7 @@ def value_and_grad(fn, logits, target, weight):
     return value.detach(), grad
 
 
-@pytest.mark.parametrize("name", ["dice_ce", "ce", "dice"])
+@pytest.mark.parametrize("name", ["dice_ce", "ce", "dice", "bce", "bce_dice"])
 @pytest.mark.parametrize("change", ["logits", "labels", "both"])
 def test_unlabelled_voxels_change_nothing(name, change):
     """THE sparse-annotation property: whatever sits where weight is 0 is invisible to the loss."""
@@ -146,7 +146,7 @@ def test_unlabelled_voxels_change_nothing(name, change):
     assert g1[~mask].abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["dice_ce", "ce", "dice"])
+@pytest.mark.parametrize("name", ["dice_ce", "ce", "dice", "bce", "bce_dice"])
 def test_all_unlabelled_is_finite_and_flat(name):
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(1, 2, 3, 4, 5, generator=g)
@@ -161,6 +161,54 @@ def test_get_loss():
     assert get_loss("ce") is cross_entropy
     assert get_loss("dice") is soft_dice
     assert get_loss("dice_ce") is dice_ce
-    assert set(LOSSES) == {"dice_ce", "ce", "dice"}
+    assert get_loss("bce") is binary_cross_entropy
+    assert get_loss("bce_dice") is bce_dice
+    assert set(LOSSES) == {"dice_ce", "ce", "dice", "bce", "bce_dice"}
     with pytest.raises(VolsegError, match="focal"):
         get_loss("focal")
+
+
+def test_binary_cross_entropy_by_hand():
+    """Voxel 0 (class 0): sigmoid(0) = 1/2 on both channels -> BCE ln2 on each.
+    Voxel 1 (class 1): channel 0 logit ln3 vs target 0 -> ln4; channel 1 logit 0 vs target 1 -> ln2."""
+    logits, target = two_voxels()
+    ln2 = math.log(2.0)
+    v0, v1 = ln2, (math.log(4.0) + ln2) / 2
+    assert binary_cross_entropy(logits, target).item() == pytest.approx((v0 + v1) / 2, rel=1e-6)
+    w = torch.tensor([1.0, 3.0]).reshape(1, 2, 1, 1)
+    assert binary_cross_entropy(logits, target, w).item() == pytest.approx((v0 + 3 * v1) / 4, rel=1e-6)
+
+
+def test_binary_cross_entropy_matches_torch_per_channel():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 4, 5, 3, generator=g) * 2
+    target = torch.randint(0, 3, (2, 4, 5, 3), generator=g)
+    weight = torch.rand(2, 4, 5, 3, generator=g) * 10
+    onehot = F.one_hot(target, 3).movedim(-1, 1).float()
+    per_voxel = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1)
+    expected = (per_voxel * weight).sum() / weight.sum()
+    assert torch.allclose(binary_cross_entropy(logits, target, weight), expected, rtol=1e-6)
+
+
+def test_weight_map_steers_the_gradient():
+    """A border weight of 10 on one voxel makes its gradient 10x that of an identical weight-1 voxel."""
+    logits = torch.zeros(1, 2, 2, 1, 1, requires_grad=True)
+    target = torch.zeros(1, 2, 1, 1, dtype=torch.long)
+    weight = torch.tensor([1.0, 10.0]).reshape(1, 2, 1, 1)
+    binary_cross_entropy(logits, target, weight).backward()
+    g = logits.grad[0, :, :, 0, 0]
+    assert torch.allclose(g[:, 1], 10 * g[:, 0])
+
+
+@pytest.mark.parametrize("fn", [dice_ce, bce_dice])
+def test_dice_term_sees_the_weight_map_as_a_mask(fn):
+    """Scaling the weights of labelled voxels changes only the cross-entropy part, never the Dice part."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(1, 2, 4, 4, 4, generator=g)
+    target = torch.randint(0, 2, (1, 4, 4, 4), generator=g)
+    mask = (torch.rand(1, 4, 4, 4, generator=g) > 0.3).float()
+    scaled = mask * (1 + 9 * torch.rand(1, 4, 4, 4, generator=g))
+    ce_part = binary_cross_entropy if fn is bce_dice else cross_entropy
+    dice_mask = fn(logits, target, mask) - ce_part(logits, target, mask)
+    dice_scaled = fn(logits, target, scaled) - ce_part(logits, target, scaled)
+    assert torch.allclose(dice_mask, dice_scaled, atol=1e-6)

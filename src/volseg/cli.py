@@ -47,7 +47,10 @@ def train(
     iters_per_epoch: Annotated[Optional[int], typer.Option(help="steps per epoch; 0 = about 1/30 of the budget")] = None,
     patience: Annotated[Optional[int], typer.Option(help="stop after this many epochs without a better validation loss")] = None,
     lr: Annotated[Optional[float], typer.Option(help="initial learning rate")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="dice_ce, ce or dice")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="dice_ce, ce, dice, bce (weighted binary cross-entropy, one-vs-rest) or bce_dice")] = None,
+    border_w0: Annotated[Optional[float], typer.Option(help="U-Net border weight w0 between touching objects (0 = off)")] = None,
+    border_sigma_mm: Annotated[Optional[float], typer.Option(help="width sigma of the border weight, in mm")] = None,
+    class_balance: Annotated[Optional[bool], typer.Option("--class-balance/--no-class-balance", help="weight voxels by inverse class frequency")] = None,
     base_width: Annotated[Optional[int], typer.Option(help="feature channels at full resolution")] = None,
     depth: Annotated[Optional[int], typer.Option(help="resolution levels of the U-Net")] = None,
     norm: Annotated[Optional[str], typer.Option(help="instance, batch or none")] = None,
@@ -67,7 +70,8 @@ def train(
             "patch_size": _parse_triple(patch_size, "--patch-size") if patch_size else None,
             "batch_size": batch_size, "max_epochs": max_epochs, "iters_per_epoch": iters_per_epoch,
             "patience": patience, "lr": lr, "loss": loss, "fold": fold, "folds": folds,
-            "augment": augment,
+            "augment": augment, "border_w0": border_w0, "border_sigma_mm": border_sigma_mm,
+            "class_balance": class_balance,
         },
         "model": {"base_width": base_width, "depth": depth, "norm": norm},
         # one method for every channel replaces the planned per-channel choice
@@ -142,6 +146,9 @@ def evaluate(
     workers: Annotated[int, typer.Option(help="parallel processes")] = 1,
     plot: Annotated[bool, typer.Option(help="also write a box plot PNG next to the CSV")] = True,
     nsd_tolerance_mm: Annotated[float, typer.Option(help="surface Dice (NSD) tolerance in mm")] = 1.0,
+    instances: Annotated[bool, typer.Option("--instances", help="also score objects (lesion detection F1, merges, splits)")] = False,
+    min_volume_mm3: Annotated[float, typer.Option(help="drop predicted components and objects smaller than this (mm³)")] = 0.0,
+    ref_instances: Annotated[Optional[Path], typer.Option(help="folder of reference instance maps, same names (implies --instances)")] = None,
 ) -> None:
     """Dice, Jaccard, precision, recall, volume difference, HD, HD95, ASSD and NSD (mm) per case and label."""
     from volseg import io, report
@@ -158,9 +165,12 @@ def evaluate(
     elif dataset_json is not None:
         raise VolsegError(dataset_json, "file not found")
     rows = report.evaluate_folders(pred, ref, labels, file_ending=ending, out_csv=output, workers=workers,
-                                   nsd_tolerance_mm=nsd_tolerance_mm, ignore_label=ignore)
+                                   nsd_tolerance_mm=nsd_tolerance_mm, ignore_label=ignore, instances=instances,
+                                   min_volume_mm3=min_volume_mm3, ref_instances_dir=ref_instances)
     summary = report.summarize(rows)
     summary["nsd_tolerance_mm"] = nsd_tolerance_mm
+    if min_volume_mm3 > 0:
+        summary["min_volume_mm3"] = min_volume_mm3
     report.write_json(output.with_suffix(".summary.json"), summary)
     if plot:
         report.plot_metric_boxes(rows, output.with_suffix(".png"))

@@ -78,7 +78,13 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 3e-5
     poly_exponent: float = 0.9
-    loss: str = "dice_ce"  # "dice_ce" | "ce" | "dice"
+    loss: str = "dice_ce"  # "dice_ce" | "ce" | "dice" | "bce" | "bce_dice"
+    # Per-voxel loss weights, precomputed once per case (volseg.weights): class balance from label
+    # frequencies and the U-Net border term w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on the background
+    # between touching objects (border_w0 = 0: off). Unlabelled voxels keep weight 0 either way.
+    class_balance: bool = False
+    border_w0: float = 0.0
+    border_sigma_mm: float = 5.0
     foreground_fraction: float = 0.33
     augment: bool = True  # the `augment` section's transforms; False: patches as cut, no mirroring
     val_fraction: float = 0.2
@@ -87,6 +93,18 @@ class TrainConfig:
     patience: int = 0  # epochs without val-loss improvement before stopping; 0 = never stop early
     min_delta: float = 1e-4
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.border_w0 >= 0 or not self.border_sigma_mm > 0:
+            raise VolsegError(None, f"border_w0 must be >= 0 and border_sigma_mm > 0, got {self.border_w0} and "
+                                    f"{self.border_sigma_mm}")
+
+    @property
+    def weight_map_spec(self) -> dict[str, Any] | None:
+        """What the precomputed loss-weight map depends on; None when no map is needed."""
+        if not self.class_balance and self.border_w0 == 0:
+            return None
+        return {"class_balance": self.class_balance, "w0": self.border_w0, "sigma_mm": self.border_sigma_mm}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from volseg.config import AugmentConfig, DataConfig
 from volseg.errors import VolsegError
 from volseg.preprocessing import encode_labels, needs_resampling, normalize, resample_image, resample_labels
 from volseg.sampling import crop_pad, random_patch_start
+from volseg.weights import weight_map
 
 _MAX_FG_VOXELS = 20_000  # per class and case: enough positions to oversample from
 
@@ -37,6 +38,7 @@ class CaseData:
     fg_voxels: dict[int, np.ndarray]  # class index -> (N, 3) labelled voxel positions of that class
     spacing: tuple[float, float, float]
     labelled_voxels: np.ndarray | None = None  # (N, 3) sample of labelled positions; None = all labelled
+    loss_weight: np.ndarray | None = None  # (I, J, K) float32 precomputed weight map (volseg.weights); None = `weight`
 
 
 def _cache_key(data: DataConfig) -> str:
@@ -46,8 +48,13 @@ def _cache_key(data: DataConfig) -> str:
     )
 
 
-def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseData:
-    """Normalise, encode labels and index foreground voxels of one case; reuse the cache when valid."""
+def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path, weight_spec: dict | None = None) -> CaseData:
+    """Normalise, encode labels and index foreground voxels of one case; reuse the cache when valid.
+
+    With `weight_spec` (`TrainConfig.weight_map_spec`) the per-voxel loss-weight map is computed
+    too and cached beside the arrays under its own key, so changing only its parameters recomputes
+    the map and nothing else.
+    """
     stem = cache_dir / case.case_id
     key_file = stem.with_name(case.case_id + ".json")
     key = _cache_key(data)
@@ -79,6 +86,9 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
         tmp.replace(stem.with_name(case.case_id + "_fg.npz"))
         key_file.write_text(json.dumps({"key": key, "spacing": list(spacing), "all_labelled": bool(known.all())}))
     meta = json.loads(key_file.read_text())
+    loss_weight = None
+    if weight_spec is not None:
+        loss_weight = _cached_weight_map(case, data, stem, key, weight_spec, tuple(meta["spacing"]))
     with np.load(stem.with_name(case.case_id + "_fg.npz"), allow_pickle=False) as f:
         fg_voxels = {int(k[1:]): f[k] for k in f.files if k.startswith("c")}
         labelled = f["labelled"] if "labelled" in f.files else None
@@ -90,7 +100,45 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path) -> CaseDat
         fg_voxels=fg_voxels,
         spacing=tuple(meta["spacing"]),
         labelled_voxels=labelled,
+        loss_weight=loss_weight,
     )
+
+
+def instance_file(case: io.Case) -> Path | None:
+    """The case's instance-label file, `instancesTr/<case><ending>` beside `labelsTr/`, if there is one.
+
+    Instance ids separate touching objects of one class, which connected components cannot.
+    """
+    if case.label is None:
+        return None
+    path = case.label.parent.parent / "instancesTr" / case.label.name
+    return path if path.is_file() else None
+
+
+def _cached_weight_map(case: io.Case, data: DataConfig, stem: Path, key: str, spec: dict,
+                       spacing: tuple[float, ...]) -> np.ndarray:
+    """The case's loss-weight map from the cache, computed first when missing or made with other parameters."""
+    path = stem.with_name(case.case_id + "_wmap.npy")
+    key_file = stem.with_name(case.case_id + "_wmap.json")
+    inst_path = instance_file(case)
+    wkey = json.dumps({"spec": spec, "data": key, "instances": None if inst_path is None else inst_path.name})
+    if not (key_file.exists() and path.exists() and json.loads(key_file.read_text()).get("key") == wkey):
+        label = np.load(stem.with_name(case.case_id + "_label.npy"))
+        known = np.load(stem.with_name(case.case_id + "_weight.npy"))
+        instances = None
+        if inst_path is not None and spec["w0"] > 0:
+            instances = io.read_label(inst_path).array[0]
+            if instances.shape != label.shape:  # the case was resampled to the training spacing
+                raw_shape = io.read_label(case.label).shape  # type: ignore[arg-type]  # instance_file needs a label
+                if instances.shape != raw_shape:
+                    raise VolsegError(inst_path, f"instance map has shape {instances.shape}, its label {raw_shape}",
+                                      "write it on the label's grid")
+                instances = resample_labels(instances, label.shape)
+        wmap = weight_map(label, data.num_classes, spacing, known=known, instances=instances,
+                          w0=spec["w0"], sigma_mm=spec["sigma_mm"], class_balance=spec["class_balance"])
+        _save_npy(path, wmap.astype(np.float32))
+        key_file.write_text(json.dumps({"key": wkey}))
+    return np.load(path, mmap_mode="r")
 
 
 def _positions(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -137,7 +185,10 @@ def sample_patch(
         size = tuple(region)
     x = crop_pad(case.image, start, size)
     y = crop_pad(case.label, start, size)
-    w = crop_pad(case.weight if case.weight is not None else np.ones(shape, np.uint8), start, size)
+    if case.loss_weight is not None:
+        w = crop_pad(case.loss_weight, start, size)
+    else:
+        w = crop_pad(case.weight if case.weight is not None else np.ones(shape, np.uint8), start, size)
     if mirror:
         for axis in range(3):
             if rng.random() < 0.5:

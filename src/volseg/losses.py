@@ -30,19 +30,37 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     return (ce * w).sum() / w.sum().clamp_min(1e-8)
 
 
+def binary_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted binary cross-entropy with logits, one-vs-rest per output channel.
+
+    Each channel c is a sigmoid classifier of "class c here"; the voxel loss is the mean over
+    channels and the batch loss sum(w * loss) / sum(w), so a precomputed weight map (class balance,
+    U-Net border weights) scales each voxel's say. With two channels this is the binary case.
+    Prediction still takes the argmax over channels, which is the most confident one-vs-rest vote.
+    """
+    w = _weights(target, weight)
+    onehot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), onehot, reduction="none").mean(1)
+    return (bce * w).sum() / w.sum().clamp_min(1e-8)
+
+
 def soft_dice(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, smooth: float = 1e-5
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, smooth: float = 1e-5,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
     """1 - mean soft Dice over foreground classes, pooled over the batch and restricted to weight > 0.
 
     Pooling over the batch (as nnU-Net's batch Dice) keeps patches without a class from producing
-    a meaningless 0/0 term for it.
+    a meaningless 0/0 term for it. `sigmoid` reads the channels as one-vs-rest probabilities (the
+    companion of `binary_cross_entropy`) instead of a softmax.
     """
     num_classes = logits.shape[1]
     if num_classes < 2:
         raise VolsegError(None, "soft Dice needs at least two output classes")
     w = _weights(target, weight).unsqueeze(1)
-    probs = torch.softmax(logits.float(), dim=1)[:, 1:]
+    probs = (torch.sigmoid(logits.float()) if sigmoid else torch.softmax(logits.float(), dim=1))[:, 1:]
     onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1)[:, 1:].float()
     dims = (0, *range(2, logits.ndim))
     intersect = (probs * onehot * w).sum(dims)
@@ -52,11 +70,27 @@ def soft_dice(
 
 
 def dice_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of soft Dice and cross-entropy, the default of nnU-Net and of volseg."""
-    return soft_dice(logits, target, weight) + cross_entropy(logits, target, weight)
+    """Sum of soft Dice and cross-entropy, the default of nnU-Net and of volseg.
+
+    A weight map scales the cross-entropy; the Dice term uses it as a mask only (weight > 0).
+    """
+    mask = None if weight is None else (weight > 0).float()
+    return soft_dice(logits, target, mask) + cross_entropy(logits, target, weight)
 
 
-LOSSES: dict[str, LossFn] = {"dice_ce": dice_ce, "ce": cross_entropy, "dice": soft_dice}
+def bce_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted BCE plus sigmoid soft Dice; the Dice term sees the map only as a mask (weight > 0).
+
+    Border weights of 10 or more would otherwise turn the Dice term into a Dice of the gaps.
+    """
+    mask = None if weight is None else (weight > 0).float()
+    return soft_dice(logits, target, mask, sigmoid=True) + binary_cross_entropy(logits, target, weight)
+
+
+LOSSES: dict[str, LossFn] = {
+    "dice_ce": dice_ce, "ce": cross_entropy, "dice": soft_dice, "bce": binary_cross_entropy, "bce_dice": bce_dice,
+}
+SIGMOID_LOSSES = ("bce", "bce_dice")  # losses that read the output channels as one-vs-rest sigmoids
 
 
 def get_loss(name: str) -> LossFn:

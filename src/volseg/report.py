@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from volseg import io, metrics
+from volseg import io, metrics, postprocessing
 from volseg.errors import VolsegError
 
 CSV_COLUMNS = (
@@ -31,6 +31,9 @@ SUMMARY_METRICS = (
     "dice", "jaccard", "precision", "recall", "hd", "hd95", "assd", "nsd",
     "vol_diff_mm3", "vol_diff_rel",
 )  # fmt: skip
+_COUNT_FIELDS = ("n_ref", "n_pred", "n_ref_objects", "n_pred_objects", "merged", "merged_ref", "split") + tuple(
+    f for f in metrics.OBJECT_FIELDS if f.startswith("obj_tp@")
+)  # written as integers
 _DISTANCE_METRICS = ("hd", "hd95", "assd")  # in mm; shown with "(mm)" in the summary table
 GEOMETRY_ATOL = 1e-3  # affine tolerance (mm): float32 headers round-trip with ~1e-6 error
 
@@ -50,6 +53,9 @@ def evaluate_folders(
     workers: int = 1,
     nsd_tolerance_mm: float = metrics.NSD_TOLERANCE_MM,
     ignore_label: int | None = None,
+    instances: bool = False,
+    min_volume_mm3: float = 0.0,
+    ref_instances_dir: PathLike | None = None,
 ) -> list[dict]:
     """Score every `<case><file_ending>` in `pred_dir` against the same name in `ref_dir`.
 
@@ -59,9 +65,23 @@ def evaluate_folders(
     `nsd_tolerance_mm` is the surface Dice tolerance (docs/metrics.md has every definition).
     With `ignore_label` (sparse references), voxels the reference marks unlabelled are left out of
     every metric: both maps are set to background there before scoring.
+
+    With `instances` (implied by `ref_instances_dir`), each row also gets the object-level
+    detection fields `metrics.OBJECT_FIELDS` (metrics.object_scores; reference objects are the
+    ids in the same-named file of `ref_instances_dir` when given, else connected components), and
+    the CSV gets those columns. `min_volume_mm3 > 0` removes prediction components smaller than
+    that (26-connected, per label) from the whole prediction before anything is scored (then
+    the ignore label applies), and leaves smaller objects of either side out of the object counts.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     pairs = _pair_files(pred_dir, ref_dir, file_ending)
+    min_volume = float(min_volume_mm3)
+    if not (math.isfinite(min_volume) and min_volume >= 0):
+        raise VolsegError(None, f"min_volume_mm3 must be a finite number of mm³ >= 0, got {min_volume_mm3}")
+    instances = instances or ref_instances_dir is not None
+    instance_paths: list[str | None] = [None] * len(pairs)
+    if ref_instances_dir is not None:
+        instance_paths = [str(p) for p in _instance_files(Path(ref_instances_dir), pairs)]
     if workers < 1:
         raise VolsegError(None, f"workers must be >= 1, got {workers}")
     tolerance = float(nsd_tolerance_mm)
@@ -70,7 +90,10 @@ def evaluate_folders(
             None, f"NSD tolerance must be a finite number of mm >= 0, got {nsd_tolerance_mm}"
         )
     wanted = None if labels is None else sorted(int(v) for v in labels)
-    jobs = [(case, str(pred), str(ref), wanted, tolerance, ignore_label) for case, pred, ref in pairs]
+    jobs = [
+        (case, str(pred), str(ref), wanted, tolerance, ignore_label, instances, min_volume, inst)
+        for (case, pred, ref), inst in zip(pairs, instance_paths)
+    ]
     results = _run_jobs(jobs, workers)
 
     if labels is None:
@@ -82,16 +105,33 @@ def evaluate_folders(
     for case, per_label, _ in sorted(results, key=lambda r: r[0]):
         missing = [v for v in names if v not in per_label]
         if missing:  # in neither this prediction nor this reference: "both empty"
-            per_label.update(_both_empty(missing))
+            per_label.update(_both_empty(missing, instances))
         for value in sorted(names):
             row: dict[str, Any] = {"case": case, "label": value, "label_name": names[value]}
             row.update(per_label[value])
-            row["n_ref"] = int(row["n_ref"])
-            row["n_pred"] = int(row["n_pred"])
+            for field in _COUNT_FIELDS:
+                if field in row:
+                    row[field] = int(row[field])
             rows.append(row)
     if out_csv is not None:
-        write_csv_rows(out_csv, rows, CSV_COLUMNS)
+        columns = CSV_COLUMNS + metrics.OBJECT_FIELDS if instances else CSV_COLUMNS
+        write_csv_rows(out_csv, rows, columns)
     return rows
+
+
+def _instance_files(folder: Path, pairs: list[tuple[str, Path, Path]]) -> list[Path]:
+    """The reference instance map of each case: the prediction's file name in `folder`."""
+    if not folder.is_dir():
+        raise VolsegError(folder, "is not a folder", "--ref-instances takes a folder of instance maps")
+    paths = [folder / pred.name for _, pred, _ in pairs]
+    for path in paths:
+        if not path.is_file():
+            raise VolsegError(
+                path,
+                "reference instance map not found",
+                "every prediction needs an instance map of the same name in the instances folder",
+            )
+    return paths
 
 
 def _pair_files(pred_dir: Path, ref_dir: Path, file_ending: str) -> list[tuple[str, Path, Path]]:
@@ -161,27 +201,23 @@ def _unwrap(outcome: tuple[str, Any]) -> tuple[str, dict, set[int]]:
 
 def _evaluate_case(
     case: str, pred_path: str, ref_path: str, wanted: list[int] | None, nsd_tolerance_mm: float,
-    ignore_label: int | None = None,
+    ignore_label: int | None = None, instances: bool = False, min_volume_mm3: float = 0.0,
+    instances_path: str | None = None,
 ) -> tuple[str, dict[int, dict[str, float]], set[int]]:
     """(case, metrics per label, non-zero values in the reference) for one pair of files."""
     pred = io.read_label(pred_path)
     ref = io.read_label(ref_path)
-    for volume, path in ((pred, pred_path), (ref, ref_path)):
-        if volume.array.shape[0] != 1:
-            raise VolsegError(path, f"has {volume.array.shape[0]} channels, a label map has one")
-    detail = None
-    if pred.shape != ref.shape:
-        detail = f"shape {pred.shape} vs {ref.shape}"
-    elif not np.allclose(pred.affine, ref.affine, atol=GEOMETRY_ATOL, rtol=0):
-        diff = float(np.max(np.abs(pred.affine - ref.affine)))
-        detail = f"shape {pred.shape} vs {ref.shape}, affines differ by up to {diff:.3g} mm"
-    if detail is not None:
-        raise VolsegError(
-            pred_path,
-            f"geometry differs from {ref_path} ({detail})",
-            "predict on the reference grid or resample the prediction first",
-        )
+    _check_same_grid(pred, pred_path, ref, ref_path)
+    ref_instances = None
+    if instances_path is not None:
+        instance_map = io.read_label(instances_path)
+        _check_same_grid(instance_map, instances_path, ref, ref_path)
+        ref_instances = instance_map.array[0]
     pred_array, ref_array = pred.array[0], ref.array[0]
+    if min_volume_mm3 > 0:  # post-processing of the prediction, before the ignore label cuts it
+        pred_array = postprocessing.remove_small_components(
+            pred_array, min_volume_mm3=min_volume_mm3, spacing=ref.spacing
+        )
     if ignore_label is not None:
         unlabelled = ref_array == ignore_label
         if unlabelled.any():
@@ -190,7 +226,33 @@ def _evaluate_case(
     ref_values = _nonzero_values(ref_array)
     labels = wanted if wanted is not None else sorted(ref_values | _nonzero_values(pred_array))
     scores = metrics.compute(pred_array, ref_array, ref.spacing, labels, nsd_tolerance_mm)
+    if instances:
+        objects = metrics.object_scores(
+            pred_array, ref_array, ref.spacing, labels,
+            min_volume_mm3=min_volume_mm3, ref_instances=ref_instances,
+        )  # fmt: skip
+        for label, row in objects.items():
+            scores[label].update(row)
     return case, scores, ref_values
+
+
+def _check_same_grid(volume: io.Volume, path: str, ref: io.Volume, ref_path: str) -> None:
+    """A one-channel label map on the reference's grid (shape and affine), or a VolsegError."""
+    for item, item_path in ((volume, path), (ref, ref_path)):
+        if item.array.shape[0] != 1:
+            raise VolsegError(item_path, f"has {item.array.shape[0]} channels, a label map has one")
+    detail = None
+    if volume.shape != ref.shape:
+        detail = f"shape {volume.shape} vs {ref.shape}"
+    elif not np.allclose(volume.affine, ref.affine, atol=GEOMETRY_ATOL, rtol=0):
+        diff = float(np.max(np.abs(volume.affine - ref.affine)))
+        detail = f"shape {volume.shape} vs {ref.shape}, affines differ by up to {diff:.3g} mm"
+    if detail is not None:
+        raise VolsegError(
+            path,
+            f"geometry differs from {ref_path} ({detail})",
+            "predict on the reference grid or resample the prediction first",
+        )
 
 
 def _nonzero_values(array: np.ndarray) -> set[int]:
@@ -205,10 +267,14 @@ def _nonzero_values(array: np.ndarray) -> set[int]:
     return {int(v) for v in values if v != 0}
 
 
-def _both_empty(values: list[int]) -> dict[int, dict[str, float]]:
+def _both_empty(values: list[int], instances: bool = False) -> dict[int, dict[str, float]]:
     """metrics' row for labels present in neither mask, from metrics itself (one convention)."""
     blank = np.zeros((1, 1, 1), dtype=np.int32)
-    return metrics.compute(blank, blank, (1.0, 1.0, 1.0), values)
+    rows = metrics.compute(blank, blank, (1.0, 1.0, 1.0), values)
+    if instances:
+        for value, row in metrics.object_scores(blank, blank, (1.0, 1.0, 1.0), values).items():
+            rows[value].update(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +287,11 @@ def summarize(rows: list[dict]) -> dict:
     "all" holds the mean over labels of the per-label means, so each label counts equally
     however many cases it appears in. Rows may come straight from `evaluate_folders` or from a
     CSV (strings are converted); non-finite values are left out of the statistics.
+
+    Rows with object fields (`evaluate_folders(..., instances=True)`) add "objects": per label
+    and for "all" (every label and case), the object counts summed over cases and the pooled
+    precision, recall and F1 at each IoU threshold computed from those sums
+    (`metrics.detection_scores`), so a case with many objects weighs more than one with few.
 
     >>> rows = [{"label": 1, "label_name": "a", "dice": d, "hd95": 2.0} for d in (0.5, 1.0)]
     >>> s = summarize(rows)
@@ -255,7 +326,64 @@ def summarize(rows: list[dict]) -> dict:
         means = [e[metric]["mean"] for e in per_label.values() if metric in e]
         if means:
             overall[metric] = float(np.mean(means))
-    return {"per_label": per_label, "all": overall}
+    summary: dict[str, Any] = {"per_label": per_label, "all": overall}
+    objects = _pooled_objects(by_label)
+    if objects is not None:
+        summary["objects"] = objects
+    return summary
+
+
+def _pooled_objects(by_label: dict[int, list[dict]]) -> dict[str, dict] | None:
+    """Object counts summed over cases and the pooled detection scores, per label and "all".
+
+    None when no row has object fields. Rows without a finite `n_ref_objects` are left out.
+
+    >>> rows = [{"n_ref_objects": 2, "n_pred_objects": 1, "obj_tp@0.5": 1, "merged": 0, "split": 0},
+    ...         {"n_ref_objects": 1, "n_pred_objects": 3, "obj_tp@0.5": 1, "merged": 0, "split": 1}]
+    >>> pooled = _pooled_objects({1: rows})["all"]
+    >>> pooled["obj_tp@0.5"], pooled["obj_precision@0.5"], pooled["obj_recall@0.5"], pooled["obj_f1@0.5"]
+    (2, 0.5, 0.6666666666666666, 0.5714285714285714)
+    """
+    keys: list[str] = []  # the thresholds as they appear in the field names, e.g. "0.1"
+    for label_rows in by_label.values():
+        for row in label_rows:
+            for name in row:
+                if name.startswith("obj_tp@") and name[len("obj_tp@"):] not in keys:
+                    keys.append(name[len("obj_tp@"):])
+    if not keys:
+        return None
+    counts = ["n_ref_objects", "n_pred_objects", *[f"obj_tp@{k}" for k in keys], "merged", "merged_ref", "split"]
+
+    def pooled(rows: list[dict]) -> dict[str, Any]:
+        used = [r for r in rows if math.isfinite(_as_float(r.get("n_ref_objects")))]
+        sums = {c: int(sum(_value_or_zero(r.get(c)) for r in used)) for c in counts}
+        entry: dict[str, Any] = {"n_cases": len(used)}
+        entry.update({c: sums[c] for c in ("n_ref_objects", "n_pred_objects")})
+        for k in keys:
+            tp = sums[f"obj_tp@{k}"]
+            precision, recall, f1 = metrics.detection_scores(
+                tp, sums["n_pred_objects"], sums["n_ref_objects"]
+            )
+            entry.update({
+                f"obj_tp@{k}": tp, f"obj_precision@{k}": precision, f"obj_recall@{k}": recall,
+                f"obj_f1@{k}": f1,
+            })  # fmt: skip
+        entry["merged"], entry["merged_ref"], entry["split"] = sums["merged"], sums["merged_ref"], sums["split"]
+        return entry
+
+    out: dict[str, dict] = {}
+    for value in sorted(by_label):
+        label_rows = by_label[value]
+        out[str(value)] = {"label_name": str(label_rows[0].get("label_name", value))}
+        out[str(value)].update(pooled(label_rows))
+    out["all"] = {"label_name": "(pooled)"}
+    out["all"].update(pooled([r for label_rows in by_label.values() for r in label_rows]))
+    return out
+
+
+def _value_or_zero(value: Any) -> float:
+    number = _as_float(value)
+    return number if math.isfinite(number) else 0.0
 
 
 def _as_float(value: Any) -> float:
@@ -296,6 +424,33 @@ def format_summary(summary: dict) -> str:
         ["all", "(mean of labels)", ""]
         + [f"{overall[m]:.{digits[m]}f}" if m in overall else "-" for m in metric_names]
     )
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "-+-".join("-" * w for w in widths)
+    text = "\n".join([fmt(header), rule] + [fmt(cells) for cells in lines])
+    if summary.get("objects"):
+        title = "objects (counts summed over cases, pooled scores)"
+        text += f"\n\n{title}\n{_format_objects(summary['objects'])}"
+    return text
+
+
+def _format_objects(objects: dict[str, dict]) -> str:
+    """The object table: counts, pooled precision / recall / F1 per IoU threshold, merges, splits."""
+    keys = [name[len("obj_f1@"):] for name in objects["all"] if name.startswith("obj_f1@")]
+    header = ["label", "name", "ref", "pred"]
+    for k in keys:
+        header += [f"P@{k}", f"R@{k}", f"F1@{k}"]
+    header += ["merged", "refs merged", "split"]
+    lines = []
+    for value, entry in objects.items():
+        cells = [value, entry["label_name"], str(entry["n_ref_objects"]), str(entry["n_pred_objects"])]
+        for k in keys:
+            cells += [f"{entry[f'obj_{m}@{k}']:.3f}" for m in ("precision", "recall", "f1")]
+        cells += [str(entry["merged"]), str(entry.get("merged_ref", "")), str(entry["split"])]
+        lines.append(cells)
     widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
 
     def fmt(cells: Sequence[str]) -> str:

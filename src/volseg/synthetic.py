@@ -434,3 +434,123 @@ def write_dataset(
     }
     write_text_atomic(out / "dataset.json", json.dumps(dataset, indent=2) + "\n")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# many touching objects of one class (nuclei, confluent lesions)
+
+
+def make_touching_objects(
+    shape_vox: Sequence[int] = (64, 64, 64),
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    rng: np.random.Generator,
+    n_objects: int = 40,
+    radius_mm: tuple[float, float] = (4.0, 6.5),
+    clump_p: float = 0.85,
+    noise: float = 0.15,
+    gap_contrast: float = 0.35,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clumps of touching blobs of one class: image (1, I, J, K), label (I, J, K) and instances (I, J, K).
+
+    Objects are balls of random radius placed mostly against an earlier one (probability
+    `clump_p`), their overlaps split between them like cells (each voxel goes to the ball it lies
+    deepest in). Where two objects meet, the voxels of the lower-numbered one become background, so
+    the label keeps a one-voxel gap and objects are never 26-connected; that gap is what a
+    segmentation must keep open to count objects right. In the image the gap is only `gap_contrast`
+    darker than the objects (a faint membrane), the image is blurred by about a voxel (partial
+    volume) and Gaussian noise of std `noise` (object intensity about 1) is added.
+
+    >>> img, lab, inst = make_touching_objects((24, 24, 24), rng=np.random.default_rng(0), n_objects=6)
+    >>> img.shape, lab.dtype, int(inst.max()) <= 6, set(np.unique(lab).tolist()) <= {0, 1}
+    ((1, 24, 24, 24), dtype('uint8'), True, True)
+    """
+    shape = tuple(int(n) for n in shape_vox)
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    if len(shape) != 3 or min(shape) < _MIN_SHAPE_VOX or spacing.shape != (3,) or not np.all(spacing > 0):
+        raise VolsegError(None, f"need a 3D shape of at least {_MIN_SHAPE_VOX} voxels per axis and 3 positive "
+                                f"spacings, got {shape_vox} and {spacing_mm}")
+    _check_int("n_objects", n_objects, 1)
+    top = (np.asarray(shape) - 1) * spacing
+    centers: list[np.ndarray] = []
+    radii: list[float] = []
+    for _ in range(n_objects * 30):
+        if len(centers) == n_objects:
+            break
+        r = float(rng.uniform(*radius_mm))
+        if centers and rng.random() < clump_p:
+            k = int(rng.integers(len(centers)))
+            c = centers[k] + 0.8 * (radii[k] + r) * _random_direction(rng)
+        else:
+            c = rng.uniform(0, top)
+        if np.any(c < r * 0.5) or np.any(c > top - r * 0.5):
+            continue
+        if all(np.linalg.norm(c - o) >= 0.75 * (r + ro) for o, ro in zip(centers, radii)):
+            centers.append(c)
+            radii.append(r)
+    depth = np.full(shape, np.inf, dtype=np.float32)  # normalised radius of the deepest ball so far
+    instances = np.zeros(shape, dtype=np.int32)
+    for number, (c, r) in enumerate(zip(centers, radii), start=1):
+        lo = np.clip(np.floor((c - r) / spacing).astype(int), 0, np.asarray(shape) - 1)
+        hi = np.clip(np.ceil((c + r) / spacing).astype(int) + 1, 1, shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grid = np.meshgrid(*[np.arange(a, b) * s - cc for a, b, s, cc in zip(lo, hi, spacing, c)],
+                           indexing="ij", sparse=True)
+        q = np.sqrt(sum(g * g for g in grid)) / r
+        take = (q < 1.0) & (q < depth[box])
+        depth[box][take] = q[take]
+        instances[box][take] = number
+    # one-voxel gap: an object voxel with a 26-neighbour of a higher-numbered object becomes background
+    gap = (instances > 0) & (ndimage.maximum_filter(instances, size=3, mode="constant") > instances)
+    instances[gap] = 0
+    label = (instances > 0).astype(np.uint8)
+    brightness = np.concatenate([[0.0], rng.uniform(0.8, 1.2, size=len(centers))])
+    signal = brightness[instances]
+    signal[gap] = (1.0 - gap_contrast) * brightness[1:].mean()
+    signal = ndimage.gaussian_filter(signal, sigma=0.7 / spacing * spacing.min())
+    image = (signal + noise * rng.standard_normal(shape)).astype(np.float32)[None]
+    return image, label, instances
+
+
+def write_touching_dataset(
+    out_dir: str | Path,
+    n_cases: int = 16,
+    n_test: int = 8,
+    shape_vox: Sequence[int] = (64, 64, 64),
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    seed: int = 0,
+    **kwargs: float,
+) -> Path:
+    """Write `make_touching_objects` cases in the nnU-Net layout, with `instancesTr/`/`instancesTs/`.
+
+    The instance maps (one id per object) are what border weights and object-level metrics use;
+    case i is drawn from ``np.random.default_rng([seed, i])`` like `write_dataset`.
+    """
+    from volseg.io import write_text_atomic, write_volume
+
+    out = Path(out_dir)
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    affine = _dataset_affine(tuple(int(n) for n in shape_vox), spacing)
+    splits = [("Tr", range(n_cases)), ("Ts", range(n_cases, n_cases + n_test))]
+    for suffix, indices in splits:
+        for sub in ("images", "labels", "instances"):
+            (out / f"{sub}{suffix}").mkdir(parents=True, exist_ok=True)
+        for index in indices:
+            image, label, instances = make_touching_objects(shape_vox, spacing_mm, rng=np.random.default_rng([seed, index]),
+                                                            **kwargs)  # type: ignore[arg-type]
+            name = f"case_{index:03d}"
+            write_volume(out / f"images{suffix}" / f"{name}_0000.nii.gz", image[0], affine=affine)
+            write_volume(out / f"labels{suffix}" / f"{name}.nii.gz", label, affine=affine)
+            write_volume(out / f"instances{suffix}" / f"{name}.nii.gz", instances.astype(np.int32), affine=affine)
+    dataset = {
+        "name": "volseg-touching-objects",
+        "channel_names": {"0": "ch0"},
+        "labels": {"background": 0, "object": 1},
+        "numTraining": int(n_cases),
+        "file_ending": ".nii.gz",
+        "description": "volseg synthetic touching objects (one-voxel gaps between objects)",
+        "generator_params": {"generator": "volseg.synthetic.write_touching_dataset", "seed": seed,
+                             "shape_vox": list(shape_vox), "spacing_mm": spacing.tolist(), **kwargs},
+    }
+    write_text_atomic(out / "dataset.json", json.dumps(dataset, indent=2) + "\n")
+    return out

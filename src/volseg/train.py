@@ -27,7 +27,7 @@ from volseg.config import Config, DataConfig
 from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
 from volseg.errors import VolsegError
 from volseg.inference import make_predictor, output_window, resolve_device, sliding_window
-from volseg.losses import get_loss
+from volseg.losses import SIGMOID_LOSSES, get_loss
 from volseg.model import UNet3d, center_crop
 from volseg.planning import make_plan
 from volseg.preprocessing import encode_labels
@@ -204,7 +204,9 @@ def validate(
         )
         label = np.asarray(case.label)
         weight = np.ones(label.shape, np.float32) if case.weight is None else np.asarray(case.weight, np.float32)
-        logp = torch.from_numpy(probs).clamp_min(1e-8).log()[None]
+        p = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)[None]
+        # losses take logits: log p for a softmax loss, logit(p) for the one-vs-rest sigmoid losses
+        logp = (p.log() - torch.log1p(-p)) if cfg.train.loss in SIGMOID_LOSSES else p.log()
         losses.append(float(loss_fn(logp, torch.from_numpy(label.astype(np.int64))[None], torch.from_numpy(weight)[None])))
         pred = probs.argmax(0)
         labelled = weight > 0
@@ -329,7 +331,7 @@ def _train(
         iterator = tqdm(cases, desc="preprocess", unit="case", leave=False, disable=None)
     if not dist.main:
         dist.barrier()  # rank 0 fills the cache first; the others then only read it
-    prepared = {c.case_id: preprocess_case(c, cfg.data, cache) for c in iterator}
+    prepared = {c.case_id: preprocess_case(c, cfg.data, cache, cfg.train.weight_map_spec) for c in iterator}
     if dist.main:
         dist.barrier()
 
