@@ -140,6 +140,8 @@ def main() -> None:
         "dice_unweighted": mean("unweighted", "dice"),
         "merged_weighted": mean("weighted", "merged"),
         "merged_unweighted": mean("unweighted", "merged"),
+        "refs_merged_weighted": mean("weighted", "refs_merged"),
+        "refs_merged_unweighted": mean("unweighted", "refs_merged"),
         "object_f1_0.1_weighted": mean("weighted", "object_f1_0.1"),
         "object_f1_0.1_unweighted": mean("unweighted", "object_f1_0.1"),
     }

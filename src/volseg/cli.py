@@ -60,6 +60,7 @@ def train(
     fold: Annotated[Optional[int], typer.Option(help="cross-validation fold to validate on (0-based)")] = None,
     folds: Annotated[Optional[int], typer.Option(help="number of cross-validation folds (with --fold)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log every epoch to OUTPUT/tensorboard/ for TensorBoard")] = False,
 ) -> None:
     """Train a 3D U-Net on every case of DATASET (a validation split is taken inside)."""
     from volseg import report
@@ -78,8 +79,14 @@ def train(
         "data": {"normalization": normalization, "channel_normalization": () if normalization else None},
     }
 
+    log = None
+    if tensorboard and os.environ.get("RANK", "0") == "0":
+        log = report.tensorboard_logger(output / "tensorboard")
+
     def plot(run_dir: Path, row: dict[str, Any]) -> None:
         report.plot_training_curves(run_dir / METRICS_CSV, run_dir / "training_curves.png")
+        if log is not None:
+            log(row)
 
     summary = run_training(dataset, output, max_minutes=max_minutes, seed=seed, device=device,
                            overrides=overrides, resume=resume, progress=not quiet, on_epoch=plot, plan=plan)

@@ -498,6 +498,39 @@ def _save_png(fig: Any, out_png: PathLike, dpi: int = 110) -> None:
         fig.savefig(f, format="png", dpi=dpi)
 
 
+def tensorboard_logger(log_dir: PathLike) -> Any:
+    """A callback that writes one epoch's metrics row as TensorBoard scalars (step = epoch).
+
+    Made before training starts, so a missing `tensorboard` package is reported at once rather
+    than after the first epoch. Losses go under `loss/`, Dice under `dice/`, the rest under
+    `train/`; a resumed run appends to the same folder and TensorBoard joins the steps.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise VolsegError(None, "--tensorboard needs the tensorboard package",
+                          "pip install tensorboard (or volseg[tensorboard])") from None
+    writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(row: dict[str, Any]) -> None:
+        step = int(row["epoch"])
+        for key, value in row.items():
+            if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(float(value)):
+                continue
+            if key.endswith("_loss"):
+                tag = f"loss/{key[: -len('_loss')]}"
+            elif key.startswith(("val_dice", "val_dense_dice")):
+                tag = f"dice/{key[len('val_'):]}"
+            else:
+                tag = f"train/{key}"
+            writer.add_scalar(tag, float(value), step)
+        writer.flush()
+
+    return log
+
+
 def plot_training_curves(metrics_csv: PathLike, out_png: PathLike) -> None:
     """Losses and validation Dice per epoch from training's metrics CSV, in two panels.
 
