@@ -90,7 +90,7 @@ def test_train_flags_are_kebab_case_copies_of_config_fields():
     fields = {f.name for cls in (DataConfig, ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
     for option in command_options()["train"]:
         name = option[2:].replace("-", "_")
-        if name not in ("output", "device", "resume", "quiet", "help", "plan"):
+        if name not in ("output", "device", "resume", "quiet", "help", "plan", "tensorboard"):
             assert name in fields, option
 
 

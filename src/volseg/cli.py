@@ -315,6 +315,71 @@ def info(model: Annotated[Path, typer.Argument(help="run folder or .safetensors 
     _echo(json.dumps({"parameters": n, **extra}, indent=2))
 
 
+@app.command("suggest-slices")
+def suggest_slices(
+    dataset: Annotated[Path, typer.Argument(help="sparsely labelled nnU-Net-layout dataset (dataset.json declares 'ignore')")],
+    model: Annotated[list[Path], typer.Option("-m", "--model", help="run folder or .safetensors model file; repeat for an ensemble")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder for suggestions.csv and one preview PNG per case")],
+    top_k: Annotated[int, typer.Option(help="slices to suggest per case")] = 3,
+    axes: Annotated[str, typer.Option(help="axes to suggest slices on, any of 0,1,2 (I, J, K)")] = "0,1,2",
+    mirror: Annotated[bool, typer.Option("--mirror/--no-mirror", help="average predictions mirrored along each axis")] = True,
+    min_gap: Annotated[int, typer.Option(help="suggested slices on one axis are at least this many slices apart")] = 2,
+    measure: Annotated[str, typer.Option(help="entropy (of the mean prediction) or mutual_information (disagreement)")] = "entropy",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing suggestions.csv")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Rank each case's unlabelled slices by the model's uncertainty: which slices to label next."""
+    from volseg.suggest import SUGGESTIONS_CSV, suggest_slices as run_suggest
+
+    try:
+        axis_tuple = tuple(int(a) for a in axes.split(","))
+    except ValueError:
+        raise VolsegError(None, f"--axes must be comma-separated axis numbers, got {axes!r}") from None
+    rows = run_suggest(model, dataset, top_k=top_k, axes=axis_tuple, mirror=mirror, device=device, min_gap=min_gap,
+                       measure=measure.replace("-", "_"), out=output, overwrite=overwrite, progress=not quiet)
+    n_cases = len({r["case"] for r in rows})
+    _echo(f"{len(rows)} slices suggested for {n_cases} case(s): {output / SUGGESTIONS_CSV}; previews {output}/<case>.png")
+
+
+@app.command("show")
+def show_command(
+    image: Annotated[Path, typer.Argument(help="image file (of a <case>_<CCCC> image, --channel picks the sibling file)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write")],
+    seg: Annotated[Optional[Path], typer.Argument(help="segmentation on the image's grid, drawn as solid contours")] = None,
+    slice_vox: Annotated[Optional[str], typer.Option("--slice", help="voxel I,J,K the three slices go through (default: centre of the objects)")] = None,
+    channel: Annotated[int, typer.Option(help="input channel to show (0-based)")] = 0,
+    ref: Annotated[Optional[Path], typer.Option("--ref", help="reference segmentation, drawn dashed (prediction vs reference)")] = None,
+    title: Annotated[Optional[str], typer.Option(help="figure title (default: the file names)")] = None,
+) -> None:
+    """Draw three orthogonal slices of IMAGE with SEG (and --ref) as coloured contours into a PNG."""
+    from volseg.htmlreport import show_volume
+
+    position = _parse_triple(slice_vox, "--slice", int) if slice_vox else None
+    centre = show_volume(image, output, seg, ref, position, channel, title)
+    _echo(f"wrote {output} (slices through voxel {','.join(map(str, centre))})")
+
+
+@app.command("report")
+def report_command(
+    run: Annotated[Path, typer.Argument(help="run folder of `volseg train`")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write (self-contained, opens offline)")] = Path("report.html"),
+    dataset: Annotated[Optional[Path], typer.Option(help="predict the run's validation cases (split.json) of this dataset for per-case results")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="folder of predicted segmentations to score (with --labels)")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="folder of reference segmentations (with --predictions)")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="images for the overlays (default: imagesTs/imagesTr next to --labels)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (with --dataset)")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """One self-contained HTML report of a run: model card, curves, validation scores, per-case overlays."""
+    from volseg.htmlreport import build_report
+
+    result = build_report(run, output, dataset=dataset, predictions=predictions, labels=labels, images=images,
+                          device=device, progress=not quiet)
+    cases = f" with {result['cases']} scored case(s)" if result["cases"] else " (no per-case results)"
+    _echo(f"wrote {output}{cases}")
+
+
 def _parse_triple(text: str, flag: str, kind: type = int) -> tuple:
     try:
         values = tuple(kind(v) for v in text.replace("x", ",").split(","))

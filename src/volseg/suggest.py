@@ -1,0 +1,539 @@
+"""`volseg suggest-slices`: which unlabelled slices should an annotator label next?
+
+For every case of a sparsely labelled dataset (nnU-Net `ignore` label) the model(s) predict the
+volume several times: once as it is and once mirrored along each axis (flipped in, flipped back
+out), for each model of an ensemble. The per-voxel uncertainty of these predictions is summed over
+each unlabelled slice, and the highest-scoring slices, kept apart from one another, are the ones
+to draw next. `apply_suggestions` labels them from dense labels, to simulate an annotator.
+
+Choices, and why:
+
+- Uncertainty is the entropy of the mean prediction ("total" uncertainty), divided by log(C) so
+  that 1 means "all classes equally likely". It is large both where the variants disagree and
+  where they agree on being unsure (object borders), and with one model and four mirror variants
+  it is far less noisy than the disagreement alone. `measure="mutual_information"` (entropy of the
+  mean minus mean entropy, BALD) keeps only the disagreement, for ensembles of fold models.
+- A slice's score is the uncertainty summed over its unlabelled voxels, not the mean: a sum grows
+  with how much uncertain structure the slice cuts through, so slices through the object beat
+  slices of empty background, which is what an annotator's time is best spent on.
+- A slice counts as labelled when at least half of its own labelled voxels are there — voxels
+  labelled in every slice of that axis (the lines where orthogonal labelled planes cross it) do
+  not count, otherwise one labelled plane per axis would mark every slice of the other axes as
+  labelled.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from volseg import io
+from volseg.errors import VolsegError
+from volseg.sparsify import DENSE_LABELS
+
+MEASURES = ("entropy", "mutual_information")
+SUGGESTIONS_CSV = "suggestions.csv"
+CSV_COLUMNS = ("case", "rank", "axis", "index", "score", "labelled_fraction_before")
+OWN_LABELLED_FRACTION = 0.5  # share of a slice's own voxels that makes it "labelled"
+
+
+# --------------------------------------------------------------------------------------------------
+# pure array functions
+
+
+def entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Shannon entropy in nats over the class axis (0 log 0 = 0).
+
+    >>> entropy(np.array([[1.0, 0.5], [0.0, 0.5]])).astype(float).round(4).tolist()
+    [0.0, 0.6931]
+    """
+    p = np.asarray(probs, dtype=np.float32)
+    return np.maximum(-(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=axis), 0.0)  # no -0.0
+
+
+def _uncertainty(mean_probs: np.ndarray, mean_entropy: np.ndarray, measure: str) -> np.ndarray:
+    """Normalised uncertainty from the mean prediction and the mean of the predictions' entropies."""
+    if measure not in MEASURES:
+        raise VolsegError(None, f"unknown uncertainty measure {measure!r}", f"use one of {', '.join(MEASURES)}")
+    n_classes = mean_probs.shape[0]
+    total = entropy(mean_probs)
+    value = total if measure == "entropy" else np.maximum(total - mean_entropy, 0.0)
+    return (value / np.log(max(n_classes, 2))).astype(np.float32)
+
+
+def slice_uncertainty(probs_list: Sequence[np.ndarray] | np.ndarray, measure: str = "entropy") -> np.ndarray:
+    """Per-voxel uncertainty (I, J, K) in [0, 1] of several (C, I, J, K) predictions of one volume.
+
+    The predictions are mirror variants and/or models of an ensemble. "entropy": entropy of their
+    mean (total uncertainty, highest where the mean is 0.5 between two classes);
+    "mutual_information": that minus their mean entropy (disagreement only). Both are divided by
+    log(C).
+
+    >>> unsure, sure = np.array([[0.5], [0.5]]), np.array([[1.0], [0.0]])
+    >>> float(slice_uncertainty([unsure, unsure])[0]), float(slice_uncertainty([sure, sure])[0])
+    (1.0, 0.0)
+    >>> float(slice_uncertainty([sure, 1 - sure], "mutual_information")[0])  # confident, but disagree
+    1.0
+    >>> float(slice_uncertainty([unsure, unsure], "mutual_information")[0])  # agree on being unsure
+    0.0
+    """
+    probs = [np.asarray(p, dtype=np.float32) for p in probs_list]
+    if not probs:
+        raise VolsegError(None, "no predictions to measure the uncertainty of")
+    if any(p.shape != probs[0].shape for p in probs):
+        raise VolsegError(None, f"predictions differ in shape: {sorted({p.shape for p in probs})}")
+    mean = np.mean(probs, axis=0)
+    mean_entropy = np.mean([entropy(p) for p in probs], axis=0)
+    return _uncertainty(mean, mean_entropy, measure)
+
+
+def _check_axes(axes: Sequence[int]) -> tuple[int, ...]:
+    axes = tuple(sorted(set(int(a) for a in axes)))
+    if not axes or any(a not in (0, 1, 2) for a in axes):
+        raise VolsegError(None, f"axes must be a non-empty subset of 0, 1, 2; got {axes}")
+    return axes
+
+
+def labelled_slices(labelled_mask: np.ndarray, axis: int) -> np.ndarray:
+    """Boolean per slice along `axis`: has an annotator labelled this slice?
+
+    Voxels labelled in every slice of the axis (where labelled planes of the other axes cross it)
+    are nobody's own; a slice is labelled when at least half of the remaining voxels are labelled,
+    or when it is labelled entirely.
+
+    >>> m = np.zeros((4, 5, 6), bool)
+    >>> m[2], m[:, 1], m[:, :, 3] = True, True, True  # one labelled plane per axis
+    >>> [np.flatnonzero(labelled_slices(m, a)).tolist() for a in range(3)]
+    [[2], [1], [3]]
+    """
+    mask = np.asarray(labelled_mask, dtype=bool)
+    other = tuple(a for a in range(3) if a != axis)
+    crossing = mask.all(axis=axis, keepdims=True)
+    own = (mask & ~crossing).sum(axis=other)
+    free = int((~crossing).sum())  # the same count in every slice
+    whole = mask.all(axis=other)
+    return whole | (own >= OWN_LABELLED_FRACTION * max(free, 1)) & (own > 0)
+
+
+def rank_slices(
+    uncertainty: np.ndarray,
+    labelled_mask: np.ndarray | None = None,
+    axes: Sequence[int] = (0, 1, 2),
+    top_k: int = 3,
+    min_gap: int = 2,
+) -> list[tuple[int, int, float]]:
+    """The `top_k` best slices to label next, as (axis, index, score), best first.
+
+    A slice's score is the uncertainty summed over its unlabelled voxels; labelled slices are
+    never suggested, and suggestions on the same axis are at least `min_gap` slices apart (so the
+    top five are not five neighbours). Ties go to the lower axis, then the lower index.
+
+    >>> u = np.zeros((6, 4, 3)); u[1] = 1.0; u[2] = 0.9; u[4] = 0.5
+    >>> rank_slices(u, axes=(0,), top_k=3, min_gap=2)
+    [(0, 1, 12.0), (0, 4, 6.0)]
+    >>> labelled = np.zeros(u.shape, bool); labelled[1] = True
+    >>> [(a, i) for a, i, _ in rank_slices(u, labelled, axes=(0,), top_k=2, min_gap=1)]
+    [(0, 2), (0, 4)]
+    """
+    unc = np.asarray(uncertainty, dtype=np.float64)
+    if unc.ndim != 3:
+        raise VolsegError(None, f"uncertainty must be (I, J, K), got shape {unc.shape}")
+    labelled = np.zeros(unc.shape, bool) if labelled_mask is None else np.asarray(labelled_mask, dtype=bool)
+    if labelled.shape != unc.shape:
+        raise VolsegError(None, f"labelled mask shape {labelled.shape} differs from uncertainty shape {unc.shape}")
+    if top_k < 1:
+        raise VolsegError(None, f"top_k must be at least 1, got {top_k}")
+    if min_gap < 0:
+        raise VolsegError(None, f"min_gap must be 0 or more, got {min_gap}")
+    unc = np.where(labelled, 0.0, unc)  # a labelled voxel teaches the model nothing new
+    cand_axis, cand_index, cand_score = [], [], []
+    for axis in _check_axes(axes):
+        other = tuple(a for a in range(3) if a != axis)
+        scores = unc.sum(axis=other)
+        free = np.flatnonzero(~labelled_slices(labelled, axis))
+        cand_axis += [axis] * len(free)
+        cand_index += free.tolist()
+        cand_score += scores[free].tolist()
+    order = np.lexsort((cand_index, cand_axis, -np.asarray(cand_score)))
+    chosen: list[tuple[int, int, float]] = []
+    for c in order:
+        axis, index = cand_axis[c], cand_index[c]
+        if any(a == axis and abs(i - index) < min_gap for a, i, _ in chosen):
+            continue
+        chosen.append((axis, index, float(cand_score[c])))
+        if len(chosen) == top_k:
+            break
+    return chosen
+
+
+def mirror_predictions(
+    predict: Callable[[np.ndarray], np.ndarray], image: np.ndarray, axes: Sequence[int] = (0, 1, 2)
+) -> Iterator[np.ndarray]:
+    """Test-time mirroring: predict a (C, I, J, K) image as it is, then flipped along each spatial axis.
+
+    Each flipped prediction is flipped back, so every yielded (C, I, J, K) array is on the
+    image's grid. A generator, so a caller can average without holding every variant at once.
+
+    >>> ramp = np.arange(3.0).reshape(1, 3, 1, 1)
+    >>> [p.ravel().tolist() for p in mirror_predictions(lambda x: 2 * x, ramp, axes=(0,))]
+    [[0.0, 2.0, 4.0], [0.0, 2.0, 4.0]]
+    """
+    yield predict(image)
+    for axis in _check_axes(axes):
+        flipped = np.ascontiguousarray(np.flip(image, axis=1 + axis))
+        yield np.ascontiguousarray(np.flip(predict(flipped), axis=1 + axis))
+
+
+def slices_mask(shape: tuple[int, int, int], slices: Iterable[tuple[int, int]]) -> np.ndarray:
+    """Boolean (I, J, K) mask of whole slices given as (axis, index).
+
+    >>> int(slices_mask((4, 5, 6), [(0, 1), (2, 5)]).sum())  # 30 + 20 voxels, 5 of them shared
+    45
+    """
+    mask = np.zeros(shape, dtype=bool)
+    for axis, index in slices:
+        if axis not in (0, 1, 2) or not 0 <= index < shape[axis]:
+            raise VolsegError(None, f"slice {index} on axis {axis} is outside a volume of shape {tuple(shape)}")
+        where: list[Any] = [slice(None)] * 3
+        where[axis] = index
+        mask[tuple(where)] = True
+    return mask
+
+
+def next_even_slices(labelled_mask: np.ndarray, n: int, axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, int]]:
+    """`n` more slices placed evenly among the labelled ones: the baseline active selection must beat.
+
+    Each pick goes to the axis with the fewest labelled slices, at the free slice farthest from
+    that axis's labelled slices, the borders counting half (as `sparsify --strategy even` places
+    slices at bin centres): from the middle slice it adds exactly the even positions of three
+    slices, then fills the largest gaps.
+
+    >>> m = np.zeros((36, 36, 36), bool); m[18] = True
+    >>> next_even_slices(m, 4, axes=(0,))  # slice_indices(36, 3, "even") is [6, 18, 30]
+    [(0, 6), (0, 30), (0, 12), (0, 24)]
+    """
+    mask = np.asarray(labelled_mask, dtype=bool)
+    taken = {a: set(np.flatnonzero(labelled_slices(mask, a)).tolist()) for a in _check_axes(axes)}
+    chosen: list[tuple[int, int]] = []
+    while len(chosen) < n:
+        open_axes = [a for a in taken if len(taken[a]) < mask.shape[a]]
+        if not open_axes:
+            break
+        axis = min(open_axes, key=lambda a: (len(taken[a]), a))
+        size = mask.shape[axis]
+        index = np.arange(size)
+        distance = np.minimum(2 * index, 2 * (size - index)).astype(float)  # borders as slice_indices places them
+        for t in taken[axis]:
+            distance = np.minimum(distance, np.abs(index - t))
+        distance[list(taken[axis])] = -1
+        pick = int(np.argmax(distance))  # first maximum: the lower index on ties
+        taken[axis].add(pick)
+        chosen.append((axis, pick))
+    return chosen
+
+
+def random_unlabelled_slices(
+    labelled_mask: np.ndarray, n: int, rng: np.random.Generator, axes: Sequence[int] = (0, 1, 2)
+) -> list[tuple[int, int]]:
+    """`n` unlabelled slices drawn uniformly from all axes' unlabelled slices (a second baseline).
+
+    >>> m = np.zeros((3, 4, 5), bool); m[:, :, 2] = True
+    >>> picks = random_unlabelled_slices(m, 4, np.random.default_rng(0), axes=(2,))
+    >>> sorted(picks)
+    [(2, 0), (2, 1), (2, 3), (2, 4)]
+    """
+    mask = np.asarray(labelled_mask, dtype=bool)
+    free = [(a, int(i)) for a in _check_axes(axes) for i in np.flatnonzero(~labelled_slices(mask, a))]
+    picks = rng.choice(len(free), size=min(n, len(free)), replace=False)
+    return [free[int(p)] for p in picks]
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets and models
+
+
+def _sparse_dataset(dataset: Path) -> tuple[io.DatasetInfo, list[io.Case], int]:
+    """Cases of a sparsely labelled dataset and its ignore value, or a one-line error why not."""
+    info, cases = io.read_dataset(dataset)
+    if info.ignore_label is None:
+        raise VolsegError(
+            dataset / "dataset.json",
+            "declares no 'ignore' label, so every voxel is labelled and there is nothing unlabelled to suggest",
+            "sparsify it first (volseg sparsify) or add an 'ignore' label for the unlabelled voxels",
+        )
+    missing = [c.case_id for c in cases if c.label is None]
+    if missing:
+        raise VolsegError(dataset, f"{len(missing)} cases have no label file (first: {missing[0]})")
+    return info, cases, info.ignore_label
+
+
+def _case_uncertainty(
+    models: Sequence[Any], cfgs: Sequence[Any], image: io.Volume, mirror: bool, measure: str, device: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean class probabilities (C, I, J, K), uncertainty (I, J, K)) of one image over models x mirrors."""
+    from volseg.inference import probabilities_on_input_grid
+
+    total = total_entropy = None
+    n = 0
+    for model, cfg in zip(models, cfgs):
+
+        def predict(array: np.ndarray, model: Any = model, cfg: Any = cfg) -> np.ndarray:
+            return probabilities_on_input_grid(model, cfg, io.Volume(array, image.affine), device)
+
+        variants = mirror_predictions(predict, image.array) if mirror else iter([predict(image.array)])
+        for probs in variants:
+            h = entropy(probs)
+            total = probs.astype(np.float32) if total is None else total + probs
+            total_entropy = h if total_entropy is None else total_entropy + h
+            n += 1
+    mean = total / n
+    return mean, _uncertainty(mean, total_entropy / n, measure)
+
+
+def suggest_slices(
+    model_paths: str | Path | Sequence[str | Path],
+    dataset: str | Path,
+    top_k: int = 3,
+    axes: Sequence[int] = (0, 1, 2),
+    mirror: bool = True,
+    device: str = "cpu",
+    min_gap: int = 2,
+    measure: str = "entropy",
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Rank every case's unlabelled slices by the model's uncertainty; rows best first per case.
+
+    Rows: {case, rank (1 = best), axis, index, score, labelled_fraction_before} (the fraction of
+    the case's voxels labelled now). With `out`, writes `out/suggestions.csv` and one preview
+    `out/<case>.png` per case (each suggested slice with the prediction's contours, beside its
+    uncertainty map). Several model paths are an ensemble; `mirror` adds the mirrored variants.
+    """
+    from volseg.inference import load_ensemble, resolve_device
+
+    dataset = Path(dataset)
+    axes = _check_axes(axes)
+    if measure not in MEASURES:
+        raise VolsegError(None, f"unknown uncertainty measure {measure!r}", f"use one of {', '.join(MEASURES)}")
+    if top_k < 1:
+        raise VolsegError(None, f"--top-k must be at least 1, got {top_k}")
+    if min_gap < 0:
+        raise VolsegError(None, f"--min-gap must be 0 or more, got {min_gap}")
+    info, cases, ignore = _sparse_dataset(dataset)
+    csv_path = None if out is None else Path(out) / SUGGESTIONS_CSV
+    if csv_path is not None and csv_path.exists() and not overwrite:
+        raise VolsegError(csv_path, "output already exists", "pass --overwrite to replace it")
+    dev = resolve_device(device)
+    models, cfgs = load_ensemble(model_paths, dev)
+    data = cfgs[0].data
+    if data.channel_names and len(data.channel_names) != len(info.channel_names):
+        raise VolsegError(
+            dataset / "dataset.json",
+            f"declares {len(info.channel_names)} channels, the model expects {len(data.channel_names)}",
+        )
+    declared = tuple(sorted(v for _, v in info.labels if v != ignore))
+    if data.class_values != declared:
+        raise VolsegError(
+            dataset / "dataset.json",
+            f"declares labels {list(declared)}, the model predicts {list(data.class_values)}",
+            "use a model trained on this task",
+        )
+    iterator: Iterable[io.Case] = cases
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(cases, desc="suggest", unit="case", disable=None)
+    rows: list[dict[str, Any]] = []
+    for case in iterator:
+        image, label = io.read_case(case, declared=[v for _, v in info.labels])
+        if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
+            raise VolsegError(case.images[0], "has NaN or Inf voxels; cannot predict on them")
+        labelled = label.array[0] != ignore
+        mean, uncertainty = _case_uncertainty(models, cfgs, image, mirror, measure, dev)
+        ranked = rank_slices(uncertainty, labelled, axes, top_k, min_gap)
+        fraction = float(labelled.mean())
+        case_rows = [
+            {"case": case.case_id, "rank": r + 1, "axis": axis, "index": index, "score": round(score, 4),
+             "labelled_fraction_before": round(fraction, 6)}
+            for r, (axis, index, score) in enumerate(ranked)
+        ]  # fmt: skip
+        rows += case_rows
+        if out is not None and case_rows:
+            seg = np.asarray(data.class_values)[mean.argmax(0)]
+            plot_suggestions(image.array[0], seg, uncertainty, labelled, case_rows, Path(out) / f"{case.case_id}.png",
+                             spacing=image.spacing)
+    if csv_path is not None:
+        write_suggestions_csv(csv_path, rows)
+    return rows
+
+
+def write_suggestions_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The suggestion rows as CSV (one header line, `CSV_COLUMNS`), written atomically."""
+    buffer = _stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    io.write_text_atomic(path, buffer.getvalue())
+
+
+def read_suggestions_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a `suggestions.csv` with axis, index and rank as integers."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolsegError(path, "file not found")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"case", "axis", "index"} - set(reader.fieldnames or ())
+        if missing:
+            raise VolsegError(path, f"lacks the column(s) {sorted(missing)}")
+        rows = list(reader)
+    try:
+        return [{**r, "axis": int(r["axis"]), "index": int(r["index"]),
+                 **({"rank": int(r["rank"])} if r.get("rank") else {})} for r in rows]  # fmt: skip
+    except ValueError:
+        raise VolsegError(path, "axis and index must be whole numbers") from None
+
+
+def plot_suggestions(
+    image: np.ndarray,
+    seg: np.ndarray,
+    uncertainty: np.ndarray,
+    labelled: np.ndarray,
+    rows: Sequence[Mapping[str, Any]],
+    out_png: str | Path,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> None:
+    """One row per suggested slice: image with prediction contours, and the uncertainty map.
+
+    Axes as in `report.plot_overlay` (rows and columns are the two remaining axes in order,
+    physical aspect ratio). Already labelled voxels are hatched-out on the uncertainty map.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    image = np.asarray(image, dtype=np.float64)
+    finite = image[np.isfinite(image)]
+    low, high = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+    values = [int(v) for v in np.unique(seg) if v != 0]
+    fig = Figure(figsize=(8.0, 3.6 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = np.atleast_2d(np.asarray(fig.subplots(len(rows), 2), dtype=object))
+    for (left, right), row in zip(grid, rows):
+        axis, index = int(row["axis"]), int(row["index"])
+        rows_axis, cols_axis = [a for a in range(3) if a != axis]
+        where: list[Any] = [slice(None)] * 3
+        where[axis] = index
+        cut = tuple(where)
+        aspect = spacing[rows_axis] / spacing[cols_axis]
+        left.imshow(image[cut], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect,
+                    origin="lower")
+        plane = seg[cut]
+        if min(plane.shape) >= 2:
+            for i, value in enumerate(values):
+                if (plane == value).any():
+                    left.contour((plane == value).astype(float), levels=[0.5], colors=[f"C{i % 10}"], linewidths=1.2)
+        heat = right.imshow(uncertainty[cut], cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest",
+                            aspect=aspect, origin="lower")
+        known = labelled[cut]
+        if known.any():
+            right.imshow(np.ma.masked_where(~known, known), cmap="Greys", vmin=0, vmax=1, alpha=0.6,
+                         interpolation="nearest", aspect=aspect, origin="lower")
+        fig.colorbar(heat, ax=right, shrink=0.8, label="uncertainty")
+        left.set_title(f"{row['case']}: #{row['rank']} axis {axis}, slice {index}", fontsize=9)
+        right.set_title(f"score {float(row['score']):.1f} (grey: labelled)", fontsize=9)
+        for ax in (left, right):
+            ax.set_xlabel(f"axis {cols_axis}")
+            ax.set_ylabel(f"axis {rows_axis}")
+    with io.atomic_open(out_png, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+
+
+def apply_suggestions(
+    sparse_dataset: str | Path,
+    rows: Iterable[Mapping[str, Any]],
+    out: str | Path,
+    dense_labels: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """A copy of a sparse dataset with the suggested slices labelled from dense labels (a simulated annotator).
+
+    `rows` need case, axis and index (e.g. `suggest_slices`' rows or `read_suggestions_csv`).
+    Dense labels come from `dense_labels`, by default the `labelsTr_dense/` that `volseg sparsify`
+    links in. Images and dense labels are linked like sparsify does; the copy is built in a
+    temporary sibling and renamed at the end. dataset.json records the added slices. Returns the
+    labelled voxel fraction (overall and per case) and the number of slices added.
+    """
+    sparse_dataset, out = Path(sparse_dataset), Path(out)
+    info, cases, ignore = _sparse_dataset(sparse_dataset)
+    dense_dir = Path(dense_labels) if dense_labels is not None else sparse_dataset / DENSE_LABELS
+    if not dense_dir.is_dir():
+        raise VolsegError(dense_dir, "dense label folder not found", "pass the folder of the dense labels")
+    if out.exists():
+        if not overwrite:
+            raise VolsegError(out, "output already exists", "pass overwrite=True to replace it")
+        if out.resolve() == sparse_dataset.resolve():
+            raise VolsegError(out, "output is the input dataset")
+    by_case: dict[str, list[tuple[int, int]]] = {}
+    for row in rows:
+        by_case.setdefault(str(row["case"]), []).append((int(row["axis"]), int(row["index"])))
+    unknown = sorted(set(by_case) - {c.case_id for c in cases})
+    if unknown:
+        raise VolsegError(sparse_dataset, f"has no case {unknown[0]!r} named in the suggestions")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for sub in ("imagesTr", "labelsTr", DENSE_LABELS):
+        (tmp / sub).mkdir(parents=True)
+    labelled = total = 0
+    per_case: dict[str, float] = {}
+    try:
+        for case in cases:
+            for path in case.images:
+                os.symlink(path.resolve(), tmp / "imagesTr" / path.name)
+            name = Path(str(case.label)).name
+            dense_path = dense_dir / name
+            if not dense_path.is_file():
+                raise VolsegError(dense_path, "dense label not found")
+            os.symlink(dense_path.resolve(), tmp / DENSE_LABELS / name)
+            sparse = io.read_label(case.label)
+            array = sparse.array[0]
+            added = by_case.get(case.case_id, [])
+            if added:
+                dense = io.read_label(dense_path).array[0]
+                if dense.shape != array.shape:
+                    raise VolsegError(dense_path, f"shape {dense.shape} differs from the sparse label's {array.shape}")
+                fill = slices_mask(array.shape, added) & (array == ignore) & (dense != ignore)
+                array = np.where(fill, dense, array)
+            keep = array != ignore
+            io.write_volume(tmp / "labelsTr" / name, array.astype(io.label_dtype(0, ignore)), reference=sparse)
+            per_case[case.case_id] = float(keep.mean())
+            labelled += int(keep.sum())
+            total += keep.size
+        raw = json.loads((sparse_dataset / "dataset.json").read_text())
+        meta = dict(raw.get("sparsify") or {})
+        meta["labelled_fraction"] = labelled / max(total, 1)
+        meta["added_slices"] = list(meta.get("added_slices", [])) + [
+            {case: [list(s) for s in slices] for case, slices in sorted(by_case.items())}
+        ]
+        raw["sparsify"] = meta
+        (tmp / "dataset.json").write_text(json.dumps(raw, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {
+        "labelled_fraction": labelled / max(total, 1),
+        "per_case": per_case,
+        "slices_added": sum(len(v) for v in by_case.values()),
+    }
