@@ -35,7 +35,6 @@ from volseg.errors import VolsegError
 
 PathLike = str | os.PathLike
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-GEOMETRY_ATOL_MM = report.GEOMETRY_ATOL
 _AXIS_NAMES = "IJK"
 _PANEL_WIDTH_IN = 10.0  # the three slices together; the legend comes on top of that
 _MAX_HEIGHT_IN = 8.0
@@ -242,19 +241,8 @@ def _channel_path(image_path: Path, channel: int) -> Path:
 
 def _check_grid(volume: io.Volume, path: PathLike, image: io.Volume, image_path: PathLike) -> None:
     """A one-channel map on the image's voxel grid, or a one-line error naming both files."""
-    if volume.array.shape[0] != 1:
-        raise VolsegError(path, f"has {volume.array.shape[0]} channels, a segmentation has one")
-    detail = None
-    if volume.shape != image.shape:
-        detail = f"shape {volume.shape} vs {image.shape}"
-    elif not np.allclose(volume.affine, image.affine, atol=GEOMETRY_ATOL_MM, rtol=0):
-        diff = float(np.max(np.abs(volume.affine - image.affine)))
-        detail = f"affines differ by up to {diff:.3g} mm"
-    if detail is not None:
-        raise VolsegError(
-            path, f"is on another voxel grid than {image_path} ({detail})",
-            "give a segmentation of this image (resample it first)",
-        )  # fmt: skip
+    report.check_same_grid(volume, path, image, image_path, "give a segmentation of this image (resample it first)",
+                           ref_is_label=False)
 
 
 def _dataset_labels(seg_path: Path) -> tuple[dict[int, str], int | None]:

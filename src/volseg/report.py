@@ -207,11 +207,11 @@ def _evaluate_case(
     """(case, metrics per label, non-zero values in the reference) for one pair of files."""
     pred = io.read_label(pred_path)
     ref = io.read_label(ref_path)
-    _check_same_grid(pred, pred_path, ref, ref_path)
+    check_same_grid(pred, pred_path, ref, ref_path)
     ref_instances = None
     if instances_path is not None:
         instance_map = io.read_label(instances_path)
-        _check_same_grid(instance_map, instances_path, ref, ref_path)
+        check_same_grid(instance_map, instances_path, ref, ref_path)
         ref_instances = instance_map.array[0]
     pred_array, ref_array = pred.array[0], ref.array[0]
     if min_volume_mm3 > 0:  # post-processing of the prediction, before the ignore label cuts it
@@ -236,9 +236,15 @@ def _evaluate_case(
     return case, scores, ref_values
 
 
-def _check_same_grid(volume: io.Volume, path: str, ref: io.Volume, ref_path: str) -> None:
-    """A one-channel label map on the reference's grid (shape and affine), or a VolsegError."""
-    for item, item_path in ((volume, path), (ref, ref_path)):
+def check_same_grid(
+    volume: io.Volume, path: PathLike, ref: io.Volume, ref_path: PathLike,
+    hint: str = "predict on the reference grid or resample the prediction first", ref_is_label: bool = True,
+) -> None:
+    """A one-channel label map on the reference's grid (shape and affine), or a one-line VolsegError.
+
+    `ref` may be an image instead of a label map (`ref_is_label=False`): then only its grid counts.
+    """
+    for item, item_path in ((volume, path), (ref, ref_path))[: 2 if ref_is_label else 1]:
         if item.array.shape[0] != 1:
             raise VolsegError(item_path, f"has {item.array.shape[0]} channels, a label map has one")
     detail = None
@@ -248,11 +254,7 @@ def _check_same_grid(volume: io.Volume, path: str, ref: io.Volume, ref_path: str
         diff = float(np.max(np.abs(volume.affine - ref.affine)))
         detail = f"shape {volume.shape} vs {ref.shape}, affines differ by up to {diff:.3g} mm"
     if detail is not None:
-        raise VolsegError(
-            path,
-            f"geometry differs from {ref_path} ({detail})",
-            "predict on the reference grid or resample the prediction first",
-        )
+        raise VolsegError(path, f"geometry differs from {ref_path} ({detail})", hint)
 
 
 def _nonzero_values(array: np.ndarray) -> set[int]:
