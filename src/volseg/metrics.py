@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import cc3d
@@ -103,20 +103,8 @@ def compute(
     wanted = [int(label) for label in labels]
     scale = _scale(pred.shape, spacing_mm)
 
-    # One crop for all labels: the box of every non-zero voxel (the whole volume if 0 is wanted).
-    if 0 in wanted:
-        crop: tuple[slice, ...] | None = tuple(slice(0, n) for n in pred.shape)
-    else:
-        crop = _nonzero_box(pred, ref)
-    # Many labels (e.g. whole-body organs): one pass finds every label's box within the crop.
-    boxes = None
-    if crop is not None and len(wanted) > _FEW_LABELS:
-        boxes = _label_boxes(pred[crop], ref[crop], wanted)
     result: dict[int, dict[str, float]] = {}
-    for label in wanted:
-        where = crop
-        if crop is not None and boxes is not None:
-            where = _within(crop, boxes[label])
+    for label, where in _label_regions(pred, ref, wanted):
         if where is None:
             result[label] = _row(scale, tp=0, n_pred=0, n_ref=0)
             continue
@@ -399,6 +387,28 @@ def _offsets(spacing_mm: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.
 # boxes and checks
 
 
+def _label_regions(
+    pred: np.ndarray, ref: np.ndarray, wanted: list[int]
+) -> Iterator[tuple[int, tuple[slice, ...] | None]]:
+    """(label, box holding all its voxels in pred and ref, or None when it is in neither).
+
+    One crop serves all labels: the box of every non-zero voxel (the whole volume if 0 is wanted);
+    with many labels (whole-body organs) one pass finds every label's box within that crop.
+    """
+    if 0 in wanted:
+        crop: tuple[slice, ...] | None = tuple(slice(0, n) for n in pred.shape)
+    else:
+        crop = _nonzero_box(pred, ref)
+    boxes = None
+    if crop is not None and len(wanted) > _FEW_LABELS:
+        boxes = _label_boxes(pred[crop], ref[crop], wanted)
+    for label in wanted:
+        where = crop
+        if crop is not None and boxes is not None:
+            where = _within(crop, boxes[label])
+        yield label, where
+
+
 def _nonzero_box(*arrays: np.ndarray) -> tuple[slice, ...] | None:
     """Smallest box holding every non-zero voxel of the (same-shaped) arrays, or None.
 
@@ -620,18 +630,8 @@ def object_scores(
     min_count = max(1, math.ceil(min_volume / math.prod(spacing_mm) * (1 - 1e-9)))
     wanted = [int(label) for label in labels]
 
-    if 0 in wanted:
-        crop: tuple[slice, ...] | None = tuple(slice(0, n) for n in pred.shape)
-    else:
-        crop = _nonzero_box(pred, ref)
-    boxes = None
-    if crop is not None and len(wanted) > _FEW_LABELS:
-        boxes = _label_boxes(pred[crop], ref[crop], wanted)
     result: dict[int, dict[str, float]] = {}
-    for label in wanted:
-        where = crop
-        if crop is not None and boxes is not None:
-            where = _within(crop, boxes[label])
+    for label, where in _label_regions(pred, ref, wanted):
         if where is None:
             result[label] = _object_row(thresholds, _no_objects())
             continue
