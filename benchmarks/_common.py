@@ -58,3 +58,23 @@ def dice_per_class(metrics_csv: Path) -> dict[str, float]:
         for row in csv.DictReader(fh):
             per_class[row["label_name"]].append(float(row["dice"]))
     return {name: round(float(np.mean(v)), 4) for name, v in per_class.items()}
+
+
+def write_results(rows: list[dict], out: Path, caption: str, extra: tuple[str, object] | None = None) -> str:
+    """results.csv and results.md (a caption line and a Markdown table) in `out`; returns the table.
+
+    `extra` = (column name, function of a row) appends one computed column to the table only.
+    """
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cols = list(rows[0])
+    head = cols + ([extra[0]] if extra else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r[c]) for c in cols] + ([str(extra[1](r))] if extra else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    (out / "results.md").write_text(f"{caption}\n\n{table}\n")
+    return table

@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--out", type=Path, default=Path("bench_out/hippocampus"))
     parser.add_argument("--extra", default="", help="extra `volseg train` flags, e.g. '--base-width 24'")
+    parser.add_argument("--tta", action="store_true",
+                        help="also predict with mirroring test-time augmentation (`volseg predict --tta`) and score it")
     parser.add_argument("--reuse-run", action="store_true",
                         help="re-score an existing --out (same split, trained model): predict and evaluate only")
     args = parser.parse_args()
@@ -43,8 +45,9 @@ def main() -> None:
         n_train, n_test = len(list((train_ds / "labelsTr").iterdir())), len(list(test_lbl.iterdir()))
         with open(run_dir / "metrics.csv") as fh:
             train_s = float(list(csv.DictReader(fh))[-1]["seconds"])
-        if pred.exists():
-            shutil.rmtree(pred)
+        for folder in (pred, args.out / "predictions_tta"):
+            if folder.exists():
+                shutil.rmtree(folder)
     else:
         if args.out.exists() and any(args.out.iterdir()):
             sys.exit(f"{args.out}: exists; remove it, pass another --out, or --reuse-run")
@@ -56,6 +59,16 @@ def main() -> None:
     run(VOLSEG + ["evaluate", str(pred), str(test_lbl), "-o", str(metrics),
                   "--dataset-json", str(train_ds / "dataset.json")])
     dice = dice_per_class(metrics)
+    tta = {}
+    if args.tta:  # the same model, each window averaged over its 8 mirrorings (as nnU-Net predicts by default)
+        pred_tta, metrics_tta = args.out / "predictions_tta", args.out / "metrics_tta.csv"
+        tta_s = run(VOLSEG + ["predict", "-m", str(run_dir), "-i", str(test_img), "-o", str(pred_tta), "--tta"])
+        run(VOLSEG + ["evaluate", str(pred_tta), str(test_lbl), "-o", str(metrics_tta),
+                      "--dataset-json", str(train_ds / "dataset.json")])
+        dice_tta = dice_per_class(metrics_tta)
+        print(f"held-out Dice per class with --tta: {dice_tta}")
+        tta = {"mean_dice_tta": round(float(np.mean(list(dice_tta.values()))), 4), "dice_per_class_tta": dice_tta,
+               "predict_seconds_tta": round(tta_s, 1)}
     curve = []
     with open(run_dir / "metrics.csv") as fh:
         for row in csv.DictReader(fh):
@@ -69,6 +82,7 @@ def main() -> None:
         "predict_seconds": round(predict_s, 1),
         "n_train": n_train,
         "n_test": n_test,
+        **tta,
         "val_dice_curve_minutes": curve,
     }))
 

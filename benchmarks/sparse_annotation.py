@@ -14,7 +14,6 @@ Writes results.csv, results.md and dice_vs_fraction.png into --out. Last line: o
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import SHARED_DATA, VOLSEG, dice_per_class, run, split_dataset
+from _common import SHARED_DATA, VOLSEG, dice_per_class, run, split_dataset, write_results
 
 
 def arms(axial_slices: int) -> list[tuple[str, list[str]]]:
@@ -98,18 +97,12 @@ def main() -> None:
                "mean_dice": round(float(np.mean(list(dice.values()))), 4), "train_minutes": round(train_min, 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    with open(args.out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     dense = rows[0]["mean_dice"]
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " | % of dense |", "|" + "---|" * (len(cols) + 1)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r[c]) for c in cols) + f" | {100 * r['mean_dice'] / dense:.1f} |")
-    table = "\n".join(lines)
-    (args.out / "results.md").write_text(
-        f"Held-out {n_test} cases, trained on {n_train}; {args.epochs} epochs x {args.iters} steps per arm.\n\n{table}\n")
+    table = write_results(
+        rows, args.out,
+        f"Held-out {n_test} cases, trained on {n_train}; {args.epochs} epochs x {args.iters} steps per arm.",
+        ("% of dense", lambda r: f"{100 * r['mean_dice'] / dense:.1f}"),
+    )
     plot(rows, args.out / "dice_vs_fraction.png")
     print(table)
     sparse = [r for r in rows[1:] if r["labelled_fraction"] <= 0.10]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import VOLSEG, run
+from _common import VOLSEG, run, write_results
 
 try:
     from volseg.synthetic import write_touching_dataset
@@ -118,16 +118,11 @@ def main() -> None:
             row = {"arm": name, "seed": seed, **scores(arm_dir), "train_minutes": round(train_min, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with open(args.out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    cols = list(rows[0])
-    table = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                      + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
-    (args.out / "results.md").write_text(
+    table = write_results(
+        rows, args.out,
         f"{args.cases} training / {args.test_cases} held-out synthetic volumes {shape}; "
-        f"{args.epochs} epochs x {args.iters} steps per arm; w0 {args.w0}, sigma {args.sigma_mm} mm.\n\n{table}\n")
+        f"{args.epochs} epochs x {args.iters} steps per arm; w0 {args.w0}, sigma {args.sigma_mm} mm.",
+    )
     print(table)
 
     def mean(arm: str, key: str) -> float:

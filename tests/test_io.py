@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import gzip
 import json
+import locale
 import os
 from pathlib import Path
 
@@ -224,7 +225,10 @@ def test_dicom_series_folder(tmp_path: Path) -> None:
             slice_k.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:02d}.dcm"))
         writer.Execute(slice_k)
+    locale.setlocale(locale.LC_ALL, "")  # as at start-up (GDCM's writer above switched to "C")
+    before = locale.setlocale(locale.LC_ALL)
     volume = read_volume(folder)
+    assert locale.setlocale(locale.LC_ALL) == before  # GDCM's switch to "C" does not outlive the read
     assert volume.shape == (7, 6, 4)
     np.testing.assert_allclose(volume.spacing, (0.7, 0.9, 2.5), atol=1e-6)
     np.testing.assert_array_equal(volume.array[0], array_ijk)

@@ -131,6 +131,13 @@ def predict(
     skip_existing: Annotated[bool, typer.Option("--continue", help="skip cases whose output already exists")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace outputs that already exist")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="also write class probabilities, (I, J, K, C) NIfTI, to probabilities/<case>.nii.gz beside each output")] = False,
+    min_size_voxels: Annotated[int, typer.Option(help="remove components (per class, 26-connected) smaller than this many voxels")] = 0,
+    min_size_mm3: Annotated[float, typer.Option("--min-size-mm3", help="remove components (per class) smaller than this volume in mm³ (input spacing)")] = 0.0,
+    keep_largest: Annotated[bool, typer.Option("--keep-largest", help="keep only the largest component of each class")] = False,
+    compile: Annotated[str, typer.Option(help="torch.compile the network on the CPU: auto (when the windows ahead make it pay), on, off")] = "auto",
+    tta: Annotated[bool, typer.Option("--tta", help="mirroring test-time augmentation: average the 8 flips (8x the work)")] = False,
+    skip_empty: Annotated[bool, typer.Option("--skip-empty", help="do not run windows whose input is all 0 (e.g. masked-out air); they count as background")] = False,
 ) -> None:
     """Segment images with a trained model; outputs keep the input's geometry.
 
@@ -140,7 +147,9 @@ def predict(
 
     t = time.monotonic()
     written = predict_paths(model, input, output, device=device, overwrite=overwrite, skip_existing=skip_existing,
-                            progress=not quiet)
+                            progress=not quiet, save_probabilities=save_probabilities,
+                            min_size_voxels=min_size_voxels, min_size_mm3=min_size_mm3, keep_largest=keep_largest,
+                            compile=compile, mirror=tta, skip_empty=skip_empty)
     _echo(f"wrote {len(written)} segmentation(s) to {output} in {time.monotonic() - t:.1f} s")
 
 

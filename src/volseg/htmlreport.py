@@ -188,18 +188,8 @@ def render_slices(
             aspect=spacing_mm[vertical] / spacing_mm[horizontal], origin="lower",
         )  # fmt: skip
         for array, style, width in ((seg, "solid", 1.3), (ref, "dashed", 1.8)):  # dashes need more ink
-            if array is None:
-                continue
-            plane = np.asarray(array[index]).T
-            if min(plane.shape) < 2:
-                continue  # matplotlib cannot contour a single row
-            for value in values:
-                mask = plane == value
-                if mask.any():
-                    ax.contour(
-                        mask.astype(np.float32), levels=[0.5], colors=[colours[value]],
-                        linestyles=style, linewidths=width,
-                    )  # fmt: skip
+            if array is not None:
+                report.draw_contours(ax, np.asarray(array[index]).T, values, colours, style, width)
         ax.set_title(f"{_AXIS_NAMES[axis]} = {centre[axis]}", fontsize="medium")
         ax.set_xlabel(f"{_AXIS_NAMES[horizontal]} ({spacing_mm[horizontal]:g} mm)")
         ax.set_ylabel(f"{_AXIS_NAMES[vertical]} ({spacing_mm[vertical]:g} mm)")

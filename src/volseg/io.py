@@ -10,6 +10,7 @@ geometry of its input, which is what lets a viewer overlay a predicted segmentat
 from __future__ import annotations
 
 import json
+import locale
 import os
 import re
 import shutil
@@ -288,6 +289,9 @@ def _read_itk_file(path: Path) -> Volume:
 def _read_dicom_series(folder: Path) -> Volume:
     warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr about every odd file
+    # GDCM switches the whole process to the "C" locale, after which Python's default text
+    # encoding is ASCII (torch.compile then fails on its own sources): put the locale back.
+    kept_locale = locale.setlocale(locale.LC_ALL)
     try:
         series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
         if not series_ids:
@@ -302,6 +306,7 @@ def _read_dicom_series(folder: Path) -> Volume:
         raise VolsegError(folder, f"cannot read DICOM series: {_short_reason(exc, folder)}") from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+        locale.setlocale(locale.LC_ALL, kept_locale)
     return _volume_from_itk(image, folder, {"series_id": series_ids[0]})
 
 
@@ -652,6 +657,31 @@ def _write_detached_atomically(path: Path, write: Any) -> None:
         if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, VolsegError):
             raise VolsegError(path, f"cannot write: {_write_reason(exc)}") from None
         raise
+
+
+@contextmanager
+def folder_written_atomically(out: Path, subfolders: Sequence[str] = ()) -> Iterator[Path]:
+    """A fresh temporary sibling folder to fill; it replaces `out` only if the block completes.
+
+    A dataset written by volseg is therefore either the old one or the complete new one, never
+    half of each; an interrupted or failed write leaves only `.<name>.tmp-<pid>`, which the
+    block removes itself on errors.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        for sub in subfolders:
+            (tmp / sub).mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 # --------------------------------------------------------------------------------------------------

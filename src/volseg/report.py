@@ -642,18 +642,8 @@ def plot_overlay(
             aspect=spacing_mm[rows_axis] / spacing_mm[cols_axis], origin="lower",
         )  # fmt: skip
         for array, style in ((seg, "solid"), (ref, "dashed")):
-            if array is None:
-                continue
-            plane = array[index]
-            if min(plane.shape) < 2:
-                continue  # matplotlib cannot contour a single row
-            for value in values:
-                mask = plane == value
-                if mask.any():
-                    ax.contour(
-                        mask.astype(np.float32), levels=[0.5], colors=[colours[value]],
-                        linestyles=style, linewidths=1.2,
-                    )  # fmt: skip
+            if array is not None:
+                draw_contours(ax, array[index], values, colours, style, 1.2)
         names = "IJK"
         ax.set_title(f"{names[axis]} = {centre[axis]}")
         ax.set_xlabel(names[cols_axis])
@@ -671,6 +661,17 @@ def plot_overlay(
     if title:
         fig.suptitle(title)
     _save_png(fig, out_png)
+
+
+def draw_contours(ax, plane: np.ndarray, values: Sequence[int], colours: dict, style: str, width: float) -> None:
+    """Outline each label value of a 2D label `plane` on `ax` (one colour per value, one line style)."""
+    if min(plane.shape) < 2:
+        return  # matplotlib cannot contour a single row
+    for value in values:
+        mask = plane == value
+        if mask.any():
+            ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colours[value]], linestyles=style,
+                       linewidths=width)
 
 
 def _centre_vox(labels_array: np.ndarray) -> tuple[int, int, int]:

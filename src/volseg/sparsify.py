@@ -59,11 +59,6 @@ def sparsify_dataset(
     label_paths = [Path(str(c.label)) for c in cases]
     values = [v for _, v in info.labels]
     ignore = info.ignore_label if info.ignore_label is not None else max(values) + 1
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    for sub in ("imagesTr", "labelsTr", DENSE_LABELS):
-        (tmp / sub).mkdir(parents=True)
     iterator = enumerate(cases)
     if progress:
         from tqdm import tqdm
@@ -71,7 +66,7 @@ def sparsify_dataset(
         iterator = tqdm(iterator, total=len(cases), desc="sparsify", unit="case", disable=None)
     labelled = total = 0
     per_case = {}
-    try:
+    with io.folder_written_atomically(out, ("imagesTr", "labelsTr", DENSE_LABELS)) as tmp:
         for index, case in iterator:
             for image in case.images:
                 _place(image, tmp / "imagesTr" / image.name, copy_images)
@@ -101,10 +96,4 @@ def sparsify_dataset(
             "labelled_fraction": labelled / max(total, 1),
         }
         (tmp / "dataset.json").write_text(json.dumps(raw, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return {"labelled_fraction": labelled / max(total, 1), "per_case": per_case, "ignore_label": ignore}

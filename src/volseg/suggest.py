@@ -28,7 +28,6 @@ import csv
 import io as _stdio
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -488,14 +487,9 @@ def apply_suggestions(
     unknown = sorted(set(by_case) - {c.case_id for c in cases})
     if unknown:
         raise VolsegError(sparse_dataset, f"has no case {unknown[0]!r} named in the suggestions")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    for sub in ("imagesTr", "labelsTr", DENSE_LABELS):
-        (tmp / sub).mkdir(parents=True)
     labelled = total = 0
     per_case: dict[str, float] = {}
-    try:
+    with io.folder_written_atomically(out, ("imagesTr", "labelsTr", DENSE_LABELS)) as tmp:
         for case in cases:
             for path in case.images:
                 os.symlink(path.resolve(), tmp / "imagesTr" / path.name)
@@ -526,12 +520,6 @@ def apply_suggestions(
         ]
         raw["sparsify"] = meta
         (tmp / "dataset.json").write_text(json.dumps(raw, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return {
         "labelled_fraction": labelled / max(total, 1),
         "per_case": per_case,
