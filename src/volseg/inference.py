@@ -387,9 +387,9 @@ class WindowRunner:
     Eager PyTorch first. On the CPU, `torch.compile` (inductor, weights frozen into the graph,
     channels-last) runs the same network 1.5-1.8x faster (benchmarks/inference.py) but takes
     15-50 s to compile the first time (inductor caches on disk, later processes are quicker). So
-    with `compile="auto"` the first batch runs eager and is timed; when the batches still ahead
-    (`expect`) would take longer than `COMPILE_PAYS_S` uncompiled, the network is compiled once
-    and kept for every later case of the run. "on" compiles at the first batch, "off" never.
+    with `compile="auto"` the first batch of each pass runs eager and is timed; when the batches
+    still ahead (`expect`) would take longer than `COMPILE_PAYS_S` uncompiled, the network is
+    compiled once and kept for every later case of the run. "on" compiles at the first batch, "off" never.
     Compiling needs a C++ compiler; if it fails, prediction goes on uncompiled with a warning.
     The compiled network always gets full batches (the last one is zero-padded) so it never
     recompiles for a new shape. `mirror` averages the logits of all 8 flips (test-time augmentation).
@@ -410,11 +410,13 @@ class WindowRunner:
         self.mirror = mirror
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.batches_left = 0
+        self._timed = False
         self.compile_seconds = 0.0
 
     def expect(self, batches: int) -> None:
         """How many batches the coming pass will ask for (lets "auto" weigh compiling)."""
         self.batches_left = int(batches)
+        self._timed = False  # "auto": time this pass's first batch (a small case may precede a large one)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.compiled is None and self.compile == "on":
@@ -425,10 +427,10 @@ class WindowRunner:
             t = time.perf_counter()
             out = self._forward(self.eager, x)
             spent = time.perf_counter() - t
-            if self.compile == "auto" and spent * (self.batches_left - 1) >= COMPILE_PAYS_S:
-                self._compile(x)
-            if self.compile == "auto":
-                self.compile = "decided"  # timed once: the next cases of this run are alike
+            if self.compile == "auto" and not self._timed:
+                self._timed = True
+                if spent * (self.batches_left - 1) >= COMPILE_PAYS_S:
+                    self._compile(x)
         self.batches_left -= 1
         return out
 
@@ -442,11 +444,14 @@ class WindowRunner:
         return out
 
     def _run_compiled(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if n < self.batch_size:
-            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
-        out = self.compiled(x.contiguous(memory_format=torch.channels_last_3d))
-        return out[:n].contiguous()
+        """Always `batch_size` windows at a time (zero-padded), the one shape it was compiled for."""
+        outs = []
+        for part in torch.split(x, self.batch_size):
+            n = part.shape[0]
+            if n < self.batch_size:
+                part = torch.cat([part, part.new_zeros((self.batch_size - n, *part.shape[1:]))])
+            outs.append(self.compiled(part.contiguous(memory_format=torch.channels_last_3d))[:n])
+        return torch.cat(outs).contiguous()
 
     def _compile(self, x: torch.Tensor) -> None:
         """Compile a channels-last copy with frozen weights; on any failure stay eager (with a warning)."""
