@@ -49,7 +49,7 @@ model, cfg = load_model(sys.argv[1])
 volume = io.read_image([sys.argv[2]])
 image = normalize(volume.array, cfg.data.channel_methods, cfg.data.intensity_stats)
 probs = sliding_window(image, make_predictor(model, torch.device("cpu")), cfg.train.patch_size, cfg.model.num_classes,
-                       cfg.infer.overlap, cfg.infer.blend, cfg.infer.batch_size)
+                       overlap=cfg.infer.overlap, blend=cfg.infer.blend, batch_size=cfg.infer.batch_size)
 io.write_volume(sys.argv[3], decode_labels(probs.argmax(0), cfg.data.class_values), reference=volume)
 """
 

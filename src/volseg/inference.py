@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,16 +61,7 @@ def output_window(cfg: Config, patch: Sequence[int]) -> tuple[tuple[int, ...], t
 
 
 def sliding_window(
-    image: np.ndarray,
-    predictor: Predictor,
-    patch: Sequence[int],
-    num_classes: int,
-    overlap: float = 0.5,
-    blend: str = "gaussian",
-    batch_size: int = 2,
-    device: torch.device | str = "cpu",
-    out_patch: Sequence[int] | None = None,
-    progress: bool = False,
+    image: np.ndarray, predictor: Predictor, patch: Sequence[int], num_classes: int, **options: Any
 ) -> np.ndarray:
     """Class probabilities (num_classes, I, J, K) of a normalised (C, I, J, K) image.
 
@@ -77,11 +69,11 @@ def sliding_window(
     (or uniformly) and the weighted sum is divided by the summed weights. Volumes smaller than a
     window are zero-padded. With a valid-padding network, `out_patch` is the (smaller, centred)
     output of one `patch`-sized input and the grid tiles the output space. This is
-    `sliding_window_labels` keeping every probability (one tiling and blending for both).
+    `sliding_window_labels` keeping every probability (one tiling and blending for both); the
+    keyword `options` are its own (overlap, blend, batch_size, device, out_patch, progress, ...).
     """
     probs = np.empty((num_classes, *image.shape[1:]), dtype=np.float32)
-    sliding_window_labels(image, predictor, patch, num_classes, overlap, blend, batch_size, device, out_patch,
-                          progress, probabilities=probs)
+    sliding_window_labels(image, predictor, patch, num_classes, probabilities=probs, **options)
     return probs
 
 
