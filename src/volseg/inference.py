@@ -480,23 +480,16 @@ def predict_probabilities(
     if image.shape[0] != cfg.model.in_channels:
         raise VolsegError(None, f"image has {image.shape[0]} channels, the model expects {cfg.model.in_channels}")
     device = torch.device(device)
-    patch = cfg.train.patch_size
-    out_patch, _ = output_window(cfg, patch)
     probs = np.empty((cfg.model.num_classes, *image.shape[1:]), dtype=np.float32)
     sliding_window_labels(
         image,
         predictor if predictor is not None else make_predictor(model, device),
-        patch,
-        cfg.model.num_classes,
-        overlap=cfg.infer.overlap,
-        blend=cfg.infer.blend,
-        batch_size=cfg.infer.batch_size,
         device=device,
-        out_patch=out_patch,
         progress=progress,
         prepare=slab_normalizer(image, cfg.data.channel_methods, cfg.data.intensity_stats),
         probabilities=probs,
         skip_empty=skip_empty,
+        **window_options(cfg),
     )
     return probs
 
@@ -519,6 +512,13 @@ def probabilities_on_input_grid(
     if resample:
         probs = resample_probabilities(probs, volume.shape)
     return probs
+
+
+def window_options(cfg: Config) -> dict[str, Any]:
+    """The model's windows as `sliding_window(_labels)` keywords: patch, classes, overlap, blending, batch."""
+    out_patch, _ = output_window(cfg, cfg.train.patch_size)
+    return {"patch": cfg.train.patch_size, "num_classes": cfg.model.num_classes, "overlap": cfg.infer.overlap,
+            "blend": cfg.infer.blend, "batch_size": cfg.infer.batch_size, "out_patch": out_patch}
 
 
 def _window_settings(cfg: Config) -> tuple:
@@ -573,23 +573,16 @@ def predict_volume(
         key = (c.data.channel_methods, c.data.intensity_stats)
         if key not in normalizers:
             normalizers[key] = slab_normalizer(image, *key)
-    patch = first.train.patch_size
-    out_patch, _ = output_window(first, patch)
     grid_probs = np.empty((first.model.num_classes, *image.shape[1:]), np.float32) if resample else probabilities
     index = sliding_window_labels(
         image,
         list(runners) if runners is not None else [make_predictor(m, torch.device(device)) for m in models],
-        patch,
-        first.model.num_classes,
-        overlap=first.infer.overlap,
-        blend=first.infer.blend,
-        batch_size=first.infer.batch_size,
         device=device,
-        out_patch=out_patch,
         progress=progress,
         prepare=[normalizers[c.data.channel_methods, c.data.intensity_stats] for c in cfgs],
         probabilities=grid_probs,
         skip_empty=skip_empty,
+        **window_options(first),
     )
     if resample:
         del image, index

@@ -26,7 +26,7 @@ from volseg.checkpoint import MODEL_BEST, MODEL_LAST, TRAIN_STATE, load_train_st
 from volseg.config import Config, DataConfig
 from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
 from volseg.errors import VolsegError
-from volseg.inference import make_predictor, output_window, resolve_device, sliding_window
+from volseg.inference import make_predictor, output_window, resolve_device, sliding_window, window_options
 from volseg.losses import SIGMOID_LOSSES, get_loss
 from volseg.model import UNet3d, center_crop
 from volseg.planning import make_plan
@@ -189,7 +189,6 @@ def validate(
     was_training = model.training
     model.eval()
     loss_fn = get_loss(cfg.train.loss)
-    out_patch, _ = output_window(cfg, cfg.train.patch_size)
     n_cls = cfg.model.num_classes
     inter = np.zeros(n_cls)
     total = np.zeros(n_cls)
@@ -197,11 +196,8 @@ def validate(
     dense_total = np.zeros(n_cls)
     losses = []
     for case in cases:
-        probs = sliding_window(
-            np.asarray(case.image), make_predictor(model, device), cfg.train.patch_size, n_cls,
-            overlap=cfg.infer.overlap, blend=cfg.infer.blend, batch_size=cfg.infer.batch_size,
-            device=device, out_patch=out_patch,
-        )
+        probs = sliding_window(np.asarray(case.image), make_predictor(model, device), device=device,
+                               **window_options(cfg))
         label = np.asarray(case.label)
         weight = np.ones(label.shape, np.float32) if case.weight is None else np.asarray(case.weight, np.float32)
         p = torch.from_numpy(probs).clamp(1e-7, 1 - 1e-7)[None]
