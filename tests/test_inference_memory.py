@@ -543,13 +543,13 @@ def test_skip_empty_runs_only_windows_with_signal_and_calls_the_rest_background(
     np.testing.assert_array_equal(plain, full.argmax(0))
 
 
-def test_runner_weighs_each_pass_and_splits_batches_larger_than_compiled(monkeypatch):
+def test_runner_weighs_each_pass_and_splits_batches_larger_than_compiled(monkeypatch, capsys):
     from volseg import inference
 
     record: list = []
     monkeypatch.setattr(torch, "compile", fake_compile(record))
     monkeypatch.setattr(inference, "COMPILE_PAYS_S", 1e-9)  # any work ahead pays
-    runner = inference.WindowRunner(CountingNet(), "cpu", 2, compile="auto")
+    runner = inference.WindowRunner(CountingNet(), "cpu", 2, compile="auto", verbose=True)
     small = image_of((8, 8, 8), seed=1)  # one window: nothing ahead, no compiling
     sliding_window(small, runner, (8, 8, 8), 2, batch_size=2)
     assert runner.compiled is None
@@ -560,3 +560,4 @@ def test_runner_weighs_each_pass_and_splits_batches_larger_than_compiled(monkeyp
     x = torch.from_numpy(np.stack([image_of((8, 8, 8), seed=s) for s in range(5)]))  # 5 windows, compiled for 2
     torch.testing.assert_close(runner(x), CountingNet()(x))
     assert [r[0] for r in record] == [2, 2, 2]
+    assert "compiling the network" in capsys.readouterr().err

@@ -389,7 +389,7 @@ class WindowRunner:
 
     def __init__(
         self, model: torch.nn.Module, device: torch.device | str, batch_size: int, compile: str = "auto",
-        mirror: bool = False,
+        mirror: bool = False, verbose: bool = False,
     ) -> None:
         if compile not in COMPILE_MODES:
             raise VolsegError(None, f"unknown compile mode {compile!r}", f"use one of {', '.join(COMPILE_MODES)}")
@@ -400,6 +400,7 @@ class WindowRunner:
         # inductor needs Triton on a GPU (not part of every install): compile on the CPU only
         self.compile = compile if self.device.type == "cpu" else "off"
         self.mirror = mirror
+        self.verbose = verbose  # say so on stderr before the compile pause
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.batches_left = 0
         self._timed = False
@@ -453,6 +454,10 @@ class WindowRunner:
         import torch._inductor.config as inductor_config
 
         self.compile = "done"
+        if self.verbose:
+            import sys
+
+            print("compiling the network for this CPU (once per run; 15-50 s)", file=sys.stderr, flush=True)
         t = time.perf_counter()
         try:
             net = copy.deepcopy(self.model).eval().to(memory_format=torch.channels_last_3d)
@@ -732,7 +737,7 @@ def predict_paths(
         raise VolsegError(None, f"minimum sizes must be >= 0, got {min_size_voxels} voxels and {min_size_mm3} mm³")
     dev = resolve_device(device)
     models, cfgs = load_ensemble(model_path, dev)
-    runners = [WindowRunner(m, dev, c.infer.batch_size, compile, mirror) for m, c in zip(models, cfgs)]
+    runners = [WindowRunner(m, dev, c.infer.batch_size, compile, mirror, verbose=progress) for m, c in zip(models, cfgs)]
     cfg = cfgs[0]
     clean = bool(min_size_voxels or min_size_mm3 or keep_largest)
     if clean and 0 not in cfg.data.class_values:
