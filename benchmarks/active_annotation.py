@@ -237,21 +237,20 @@ def main() -> None:
                       axes)
     print(json.dumps(first), flush=True)
     arms = ["suggested", "even"] + (["random"] if args.random else [])
-    curves: dict[str, list[dict]] = {}
-    for arm in arms:
-        rows = [{**first, "arm": arm}]
-        dataset, prev_run = start_ds, start / "run"
-        for r in range(1, args.rounds + 1):
+    curves: dict[str, list[dict]] = {arm: [{**first, "arm": arm}] for arm in arms}
+    state = {arm: (start_ds, start / "run") for arm in arms}  # each arm's current dataset and model
+    for r in range(1, args.rounds + 1):  # round by round, so an interrupted run still compares the arms
+        for arm in arms:
+            dataset, prev_run = state[arm]
             step = out / arm / f"round{r}"
             next_ds = step / "dataset"
             if not (next_ds / "dataset.json").exists():  # apply_suggestions renames a finished copy into place
                 additions = choose(arm, dataset, prev_run, step, r, args)
                 apply_suggestions(dataset, additions, next_ds, overwrite=True)
             dice = train_and_score(next_ds, step, test_img, test_lbl, dataset_json, args)
-            rows.append(curve_row(arm, r, next_ds, dice, axes))
-            print(json.dumps(rows[-1]), flush=True)
-            dataset, prev_run = next_ds, step / "run"
-        curves[arm] = rows
+            curves[arm].append(curve_row(arm, r, next_ds, dice, axes))
+            print(json.dumps(curves[arm][-1]), flush=True)
+            state[arm] = (next_ds, step / "run")
 
     all_rows = [row for rows in curves.values() for row in rows]
     cols = list(all_rows[0])

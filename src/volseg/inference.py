@@ -25,6 +25,7 @@ from volseg.errors import VolsegError
 from volseg.model import valid_output_size
 from volseg.postprocessing import keep_largest_component, remove_small_components
 from volseg.preprocessing import (
+    apply_zscore,
     ct_normalize,
     decode_labels,
     needs_resampling,
@@ -150,11 +151,8 @@ def slab_normalizer(image: np.ndarray, methods: str | Sequence[str], stats: Sequ
                 elif stat is None:  # no voxel to take statistics from: all zeros, as `zscore` returns
                     out[c, a : a + step] = 0
                 else:  # the float64 arithmetic of `zscore`: float32 voxels minus a float64 mean
-                    x = np.asarray(part[c], dtype=np.float32)
-                    norm = (x - np.float64(stat[0])) / max(np.float64(stat[1]), 1e-8)
-                    if scope is not None:
-                        norm = np.where(np.any(np.asarray(part[scope], dtype=np.float32) != 0, axis=0), norm, 0)
-                    out[c, a : a + step] = norm
+                    mask = None if scope is None else np.any(np.asarray(part[scope], dtype=np.float32) != 0, axis=0)
+                    out[c, a : a + step] = apply_zscore(np.asarray(part[c], dtype=np.float32), *stat, mask)
         return out
 
     return prepare

@@ -27,10 +27,20 @@ def zscore(image: np.ndarray, nonzero: bool = False) -> np.ndarray:
         return out
     for c in range(image.shape[0]):
         values = image[c][mask].astype(np.float64)
-        mean, std = values.mean(), values.std()
-        norm = (image[c] - mean) / max(std, 1e-8)
-        out[c] = np.where(mask, norm, 0) if nonzero else norm
+        out[c] = apply_zscore(image[c], values.mean(), values.std(), mask if nonzero else None)
     return out
+
+
+def apply_zscore(channel: np.ndarray, mean: float, std: float, mask: np.ndarray | None = None) -> np.ndarray:
+    """(channel - mean) / std in float64 (a constant channel has std 0: divide by 1e-8 instead), 0 outside `mask`.
+
+    Shared by `zscore` and prediction's row-wise normaliser, so both give the same float32 values.
+
+    >>> apply_zscore(np.array([1.0, 3.0], dtype=np.float32), 2.0, 1.0, np.array([True, False])).tolist()
+    [-1.0, 0.0]
+    """
+    norm = (channel - np.float64(mean)) / max(np.float64(std), 1e-8)
+    return norm if mask is None else np.where(mask, norm, 0)
 
 
 def ct_normalize(channel: np.ndarray, lo: float, hi: float, mean: float, std: float) -> np.ndarray:
