@@ -197,3 +197,14 @@ def test_output_is_local_with_valid_padding():
         inside[lo : hi + 1, lo : hi + 1, lo : hi + 1] = True
         assert torch.all(grad[~inside] == 0)
         assert grad[inside].abs().sum() > 0
+
+
+def test_output_bias_starts_at_class_priors() -> None:
+    """Softmax of the head bias is the class frequency; sigmoid heads get each class's own log-odds."""
+    net = UNet3d(ModelConfig(in_channels=1, num_classes=3, base_width=2, depth=2))
+    net.init_output_bias([0.9, 0.06, 0.04])
+    assert torch.allclose(torch.softmax(net.head.bias, 0), torch.tensor([0.9, 0.06, 0.04]), atol=1e-6)
+    net.init_output_bias([0.9, 0.1, 0.0], sigmoid=True)
+    assert torch.allclose(torch.sigmoid(net.head.bias), torch.tensor([0.9, 0.1, 1e-4]), atol=1e-6)
+    with pytest.raises(VolsegError, match="2 class frequencies for 3"):
+        net.init_output_bias([0.5, 0.5])

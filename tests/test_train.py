@@ -20,6 +20,7 @@ from volseg.train import (
     CONFIG_JSON,
     METRICS_CSV,
     SPLIT_JSON,
+    class_frequencies,
     data_config_from_dataset,
     poly_lr,
     split_cases,
@@ -270,3 +271,15 @@ def test_dataset_with_an_unlabelled_case_is_refused(tiny_dataset, tiny_overrides
     (dataset / "labelsTr" / "case_000.nii.gz").unlink()
     with pytest.raises(VolsegError, match="label"):
         short_train(dataset, tmp_path / "run", tiny_overrides)
+
+
+def test_class_frequencies_count_labelled_voxels_only():
+    """Sparse cases: voxels with weight 0 (unlabelled) do not count towards the class prior."""
+    label = np.zeros((4, 3, 2), np.uint8)
+    label[0] = 1  # 6 voxels of class 1 in row 0
+    label[3, 0, 0] = 2
+    weight = np.ones_like(label)
+    weight[1:3] = 0  # 12 unlabelled background voxels
+    case = CaseData("c", np.zeros((1, 4, 3, 2), np.float32), label, weight, {}, (1.0, 1.0, 1.0))
+    dense = CaseData("d", np.zeros((1, 1, 1, 2), np.float32), np.array([[[0, 2]]], np.uint8), None, {}, (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(class_frequencies([case, dense], 3), np.array([6, 6, 2]) / 14)

@@ -160,6 +160,19 @@ def poly_lr(base_lr: float, progress: float, exponent: float) -> float:
     return base_lr * (1 - min(max(progress, 0.0), 1.0)) ** exponent
 
 
+def class_frequencies(cases: list[CaseData], num_classes: int) -> np.ndarray:
+    """Fraction of labelled voxels in each class over the training cases (unlabelled voxels left out)."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for case in cases:
+        rows = max(1, 4_000_000 // max(1, int(np.prod(case.label.shape[1:]))))  # bincount's int64 copy stays small
+        for a in range(0, case.label.shape[0], rows):
+            label = np.asarray(case.label[a : a + rows])
+            if case.weight is not None:
+                label = label[np.asarray(case.weight[a : a + rows]) > 0]
+            counts += np.bincount(label.ravel(), minlength=num_classes)[:num_classes]
+    return counts / max(counts.sum(), 1.0)
+
+
 def data_config_from_dataset(info: io.DatasetInfo) -> DataConfig:
     return DataConfig(
         channel_names=info.channel_names,
@@ -345,7 +358,10 @@ def _train(
 
     # ---- model and optimiser -----------------------------------------------------------------
     torch.manual_seed(tc.seed)
-    net = UNet3d(cfg.model).to(dev)
+    net = UNet3d(cfg.model)
+    if not resume:  # a resumed run loads its weights below
+        net.init_output_bias(class_frequencies(train_cases, cfg.model.num_classes), tc.loss in SIGMOID_LOSSES)
+    net = net.to(dev)
     model: torch.nn.Module = net
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
