@@ -14,6 +14,7 @@ from torch import nn
 
 from volseg.config import ModelConfig
 from volseg.errors import VolsegError
+from volseg.fastconv import Conv3d
 
 NORMS = ("instance", "batch", "none")
 PADDINGS = ("same", "valid")
@@ -38,10 +39,10 @@ class _DoubleConv(nn.Sequential):
     def __init__(self, in_ch: int, out_ch: int, norm: str, padding: int) -> None:
         bias = norm == "none"
         super().__init__(
-            nn.Conv3d(in_ch, out_ch, 3, padding=padding, bias=bias),
+            Conv3d(in_ch, out_ch, 3, padding=padding, bias=bias),
             _norm(norm, out_ch),
             nn.ReLU(inplace=True),
-            nn.Conv3d(out_ch, out_ch, 3, padding=padding, bias=bias),
+            Conv3d(out_ch, out_ch, 3, padding=padding, bias=bias),
             _norm(norm, out_ch),
             nn.ReLU(inplace=True),
         )
