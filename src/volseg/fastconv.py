@@ -91,6 +91,13 @@ def _use_conv_route(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tenso
         return _choice[key]
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return bool(torch.is_autocast_enabled("cpu"))
+    except TypeError:  # torch < 2.4
+        return bool(torch.is_autocast_cpu_enabled())
+
+
 class _Conv3dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -139,7 +146,7 @@ class Conv3d(nn.Conv3d):
             or self.padding_mode != "zeros"
             or isinstance(self.padding, str)
             or x.dim() != 5
-            or torch.is_autocast_enabled("cpu")
+            or _cpu_autocast()
         ):
             return super().forward(x)
         return _Conv3dFunction.apply(x, self.weight, self.bias, tuple(self.padding))
