@@ -52,7 +52,7 @@ def weight_grad_by_conv(x: torch.Tensor, grad_out: torch.Tensor, padding: tuple[
     # padded and batch-transposed in one copy: the convolution wants (channels, batch, ...) contiguous
     xp = x.new_zeros((c, n, d + 2 * pd, h + 2 * ph, w + 2 * pw))
     xp[:, :, pd : pd + d, ph : ph + h, pw : pw + w] = x.transpose(0, 1)
-    return F.conv3d(xp, grad_out.transpose(0, 1).contiguous()).transpose(0, 1)
+    return F.conv3d(xp, grad_out.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()  # the parameter's layout
 
 
 def _weight_grad_aten(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int, int]) -> torch.Tensor:
