@@ -27,7 +27,7 @@ import time
 import torch
 
 from volseg.config import ModelConfig
-from volseg.fastconv import _weight_grad_aten, weight_grad_by_conv
+from volseg.fastconv import torch_conv_grads, weight_grad_by_conv
 from volseg.losses import get_loss
 from volseg.model import UNet3d
 
@@ -67,9 +67,9 @@ def layer_rows(repeats: int) -> list[dict]:
         x = torch.randn(2, cin, *size, generator=g)
         w = torch.randn(cout, cin, 3, 3, 3, generator=g)
         grad = torch.randn(2, cout, *size, generator=g)
-        ref = _weight_grad_aten(x, grad, w, (1, 1, 1))
+        ref = torch_conv_grads(x, grad, w, (1, 1, 1), False, True)[1]
         diff = float((weight_grad_by_conv(x, grad, (1, 1, 1)) - ref).abs().max() / ref.abs().max())
-        t_aten = median_seconds(lambda: _weight_grad_aten(x, grad, w, (1, 1, 1)), repeats)
+        t_aten = median_seconds(lambda: torch_conv_grads(x, grad, w, (1, 1, 1), False, True), repeats)
         t_conv = median_seconds(lambda: weight_grad_by_conv(x, grad, (1, 1, 1)), repeats)
         rows.append({"layer": f"{cin}->{cout} @ {'x'.join(map(str, size))}", "torch_ms": round(1e3 * t_aten, 1),
                      "volseg_conv_route_ms": round(1e3 * t_conv, 1), "speedup": round(t_aten / t_conv, 2),

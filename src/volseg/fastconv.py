@@ -55,10 +55,16 @@ def weight_grad_by_conv(x: torch.Tensor, grad_out: torch.Tensor, padding: tuple[
     return F.conv3d(xp, grad_out.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()  # the parameter's layout
 
 
-def _weight_grad_aten(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int, int]) -> torch.Tensor:
-    return torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, [1, 1, 1], list(padding), [1, 1, 1], False, [0, 0, 0], 1, [False, True, False]
-    )[1]
+def torch_conv_grads(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int, int],
+                     input_grad: bool, weight_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """PyTorch's own (input, weight) gradients of a stride-1 conv3d; None for those not asked for."""
+    if not (input_grad or weight_grad):
+        return None, None
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1, 1], list(padding), [1, 1, 1], False, [0, 0, 0], 1,
+        [input_grad, weight_grad, False],
+    )
+    return (gx if input_grad else None), (gw if weight_grad else None)
 
 
 def _fastest(fns: list[Any], rounds: int = 3) -> int:
@@ -85,7 +91,7 @@ def _use_conv_route(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tenso
     with _lock:
         if key not in _choice:
             _choice[key] = _fastest([
-                lambda: _weight_grad_aten(x, grad_out, weight, padding),
+                lambda: torch_conv_grads(x, grad_out, weight, padding, False, True),
                 lambda: weight_grad_by_conv(x, grad_out, padding),
             ]) == 1
         return _choice[key]
@@ -111,17 +117,12 @@ class _Conv3dFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         x, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, [1, 1, 1], list(ctx.padding), [1, 1, 1], False, [0, 0, 0], 1,
-                [True, False, False],
-            )[0]
-        if ctx.needs_input_grad[1]:
-            if _use_conv_route(x, grad_out, weight, ctx.padding):
-                gw = weight_grad_by_conv(x, grad_out, ctx.padding)
-            else:
-                gw = _weight_grad_aten(x, grad_out, weight, ctx.padding)
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        by_conv = want_w and _use_conv_route(x, grad_out, weight, ctx.padding)
+        gx, gw = torch_conv_grads(x, grad_out, weight, ctx.padding, want_x, want_w and not by_conv)
+        if by_conv:
+            gw = weight_grad_by_conv(x, grad_out, ctx.padding)
+        gb = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad_out.sum((0, 2, 3, 4))
         return gx, gw, gb, None
