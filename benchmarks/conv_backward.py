@@ -3,7 +3,8 @@
 nnU-Net, MONAI, pytorch-3dunet and TorchIO-fed models all train with `torch.nn.Conv3d`, whose
 weight gradient on CPUs comes from oneDNN's backward-weights kernel. volseg computes it as a
 forward convolution where that measures faster (see `volseg/fastconv.py`). Same process, same
-inputs, both routes alternated so machine noise hits both alike:
+inputs; for whole steps PyTorch's route is timed before and after volseg's, and the faster of the
+two is the one compared, so drift of the machine cannot favour volseg:
 
 1. per layer: the weight gradient of single 3x3x3 convolutions of a U-Net (hippocampus and
    CT-sized levels), PyTorch's kernel vs the forward-convolution route, and the largest relative

@@ -1,18 +1,20 @@
 """A 3D convolution whose weight gradient is computed as a forward convolution, where that is faster.
 
 Why: on CPUs, PyTorch's oneDNN kernels compute the weight gradient of a 3x3x3 convolution over a
-large, few-channel volume 5-8 times slower than the forward pass, although it takes the same
-arithmetic (see `benchmarks/conv_backward.py`). At a U-Net's full-resolution levels that one
-kernel is over half of a training step. The weight gradient is a correlation of the padded input
+large, few-channel volume up to about twice as slowly as the forward pass, although it takes the
+same arithmetic (measured on an AVX2 machine: 160 ms against 72 ms for 32->16 channels at
+2x40x56x40; see `benchmarks/conv_backward.py`). In a hippocampus-sized training step that kernel is
+nearly half of the time. The weight gradient is a correlation of the padded input
 with the output gradient, so it can be written as a forward convolution in which the batch axis
 plays the channels and the output gradient plays the kernel::
 
     dW[o, i, a, b, c] = sum_{n, v} g[n, o, v] * x_pad[n, i, v + (a, b, c)]
                       = conv3d(x_pad as (i, n, ...), kernel g as (o, n, ...))[i, o, a, b, c]
 
-Which way is faster depends on the machine and the layer's shape, so it is measured once per shape
-(both ways, best of three after a warm-up) and the forward-convolution route is kept only when it wins clearly
-(`_MARGIN`); deep, small layers keep PyTorch's kernel. The data gradient and the forward pass are
+Which way is faster depends on the machine and the layer's shape, so it is measured once per
+shape (both ways, best of three after a warm-up) and the forward-convolution route is kept only
+when it wins clearly (`_MARGIN`); other layers (on the AVX2 machine: the one-channel input layer
+and 32 channels at 64^3) keep PyTorch's kernel. The data gradient and the forward pass are
 PyTorch's own. GPUs and inference always take PyTorch's path. `VOLSEG_CONV_WGRAD=aten` switches the
 rewrite off, `=conv` forces it (tests).
 """
