@@ -11,12 +11,20 @@ annotator, `volseg.suggest.apply_suggestions`), chosen
              slice it adds sparsify's even positions for three slices, then fills the largest gaps);
 - random:    (with --random) uniformly among the unlabelled slices.
 
+With --budget N a round adds N slices over the whole training set instead of --add per case (at
+most --add per case): the suggested arm keeps the N most uncertain slices over all cases
+(`suggest-slices --budget`), the even arm gives the next evenly spaced slice to N cases, round
+robin with the least-labelled cases first (`volseg.suggest.even_over_cases`), the random arm draws
+N unlabelled slices from all cases. A budget smaller than the number of cases gives fractional
+steps (e.g. 1.25 slices per case), fine enough to see how many slices each arm needs.
+
 Every model (round 0 is shared by all arms) trains with `volseg train` for the same fixed budget
 of --epochs x --iters optimisation steps (a budget a busy machine cannot bend) and is scored on the
 held-out cases against their DENSE labels (`volseg predict` + `volseg evaluate`). A dense arm with
 the same budget gives the reference Dice.
 
     python benchmarks/active_annotation.py --rounds 4 --add 3 --epochs 20 --iters 50 [--random]
+    python benchmarks/active_annotation.py --axes 0 --add 1 --budget 42 --rounds 4 --epochs 10 --iters 100
     python benchmarks/active_annotation.py --quick      # synthetic smoke test, tiny network, in-process
 
 Resumable: rerun the same command with the same --out; finished steps (datasets, trained runs,
@@ -47,6 +55,7 @@ except ImportError:  # run from a checkout without installing
 from volseg import io  # noqa: E402
 from volseg.suggest import (  # noqa: E402
     apply_suggestions,
+    even_over_cases,
     labelled_slices,
     next_even_slices,
     random_unlabelled_slices,
@@ -115,16 +124,26 @@ def slices_per_case(masks: dict[str, np.ndarray], axes: tuple[int, ...]) -> floa
 
 def choose(arm: str, dataset: Path, prev_run: Path, step: Path, round_: int, args: argparse.Namespace) -> list[dict]:
     """The N slices per case this arm labels next, as rows {case, axis, index}; recorded in step/additions.csv."""
+    axes = tuple(int(a) for a in args.axes.split(","))
     if arm == "suggested":
         folder = step / "suggest"
         if not (folder / "suggestions.csv").exists():
+            budget = [] if args.budget is None else ["--budget", str(args.budget)]
             volseg_cmd(["suggest-slices", str(dataset), "-m", str(prev_run), "-o", str(folder), "--top-k",
                         str(args.add), "--axes", args.axes, "--min-gap", str(args.min_gap), "--device", args.device,
-                        "--quiet", "--overwrite"], args.quick)  # fmt: skip
+                        *budget, "--quiet", "--overwrite"], args.quick)  # fmt: skip
         rows = [{"case": r["case"], "axis": r["axis"], "index": r["index"]}
                 for r in read_suggestions_csv(folder / "suggestions.csv")]  # fmt: skip
+    elif args.budget is not None and arm == "even":  # one seeded case order for every round: a round robin
+        rows = even_over_cases(labelled_masks(dataset), args.budget, np.random.default_rng(args.seed), axes)
+    elif args.budget is not None:
+        masks = labelled_masks(dataset)
+        free = [(case, a, int(i)) for case, m in sorted(masks.items()) for a in axes
+                for i in np.flatnonzero(~labelled_slices(m, a))]  # fmt: skip
+        rng = np.random.default_rng([args.seed, round_])
+        picks = rng.choice(len(free), min(args.budget, len(free)), replace=False)
+        rows = [{"case": free[p][0], "axis": free[p][1], "index": free[p][2]} for p in sorted(picks)]
     else:
-        axes = tuple(int(a) for a in args.axes.split(","))
         rows = []
         for i, (case, mask) in enumerate(sorted(labelled_masks(dataset).items())):
             if arm == "even":
@@ -190,7 +209,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "Dataset004_Hippocampus")
     parser.add_argument("--rounds", type=int, default=4, help="annotation rounds after the initial slices")
-    parser.add_argument("--add", type=int, default=3, help="slices labelled per case and round")
+    parser.add_argument("--add", type=int, default=3,
+                        help="slices labelled per case and round (with --budget: at most this many per case)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="slices labelled per round over the whole training set (instead of --add per case)")
     parser.add_argument("--axes", default="0,1,2", help="axes slices are labelled on")
     parser.add_argument("--min-gap", type=int, default=2, help="suggest-slices --min-gap")
     parser.add_argument("--random", action="store_true", help="add the random-slices arm")
@@ -262,16 +284,19 @@ def main() -> None:
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + f" | {100 * r['mean_dice'] / dense:.1f} |" for r in all_rows]
     table = "\n".join(lines)
     source = "synthetic (--quick)" if args.quick else data.name
+    added = (f"{args.add} slices added per case and round" if args.budget is None else
+             f"{args.budget} slices added per round over all cases (at most {args.add} per case)")  # fmt: skip
     (out / "curves.md").write_text(
         f"{source}: held-out {n_test} cases, trained on {n_train}; {args.epochs} epochs x {args.iters} steps "
         f"per model; "
-        f"{args.add} slices added per case and round on axes {args.axes}; dense mean Dice {dense}.\n\n{table}\n")
+        f"{added} on axes {args.axes}; dense mean Dice {dense}.\n\n{table}\n")
     plot(curves, dense, out / "dice_vs_slices.png", f"{source}: Dice against labelled slices")
     print(table)
     target = TARGET * dense
     result: dict = {f"slices_to_target_{arm}": slices_to_target(rows, target) for arm, rows in curves.items()}
     result.update({
         "dense_mean_dice": dense, "target_dice": round(target, 4), "rounds": args.rounds, "add_per_round": args.add,
+        "budget_per_round": args.budget,
         "epochs": args.epochs, "iters_per_epoch": args.iters, "n_train": n_train, "n_test": n_test,
         "quick": args.quick,
         "curves": {arm: [[r["slices_per_case"], r["mean_dice"]] for r in rows] for arm, rows in curves.items()},

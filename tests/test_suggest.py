@@ -17,6 +17,8 @@ from volseg.sparsify import DENSE_LABELS, sparsify_dataset
 from volseg.suggest import (
     CSV_COLUMNS,
     apply_suggestions,
+    best_over_cases,
+    even_over_cases,
     labelled_slices,
     mirror_predictions,
     next_even_slices,
@@ -156,6 +158,37 @@ def test_even_and_random_baselines() -> None:
     assert int(slices_mask((4, 5, 6), [(1, 0), (1, 4)]).sum()) == 2 * 4 * 6
 
 
+def test_dataset_wide_budget_keeps_the_best_slices_over_all_cases() -> None:
+    rows = [{"case": c, "rank": r, "axis": 0, "index": i, "score": sc}
+            for c, r, i, sc in [("a", 1, 3, 9.0), ("a", 2, 7, 2.0), ("b", 1, 1, 4.0), ("b", 2, 5, 4.0),
+                                ("c", 1, 2, 1.0)]]  # fmt: skip
+    kept = best_over_cases(rows, 3)
+    assert [(r["case"], r["index"], r["rank"]) for r in kept] == [("a", 3, 1), ("b", 1, 1), ("b", 5, 2)]
+    assert len(best_over_cases(rows, 99)) == 5 and rows[1]["rank"] == 2  # input rows untouched
+    kept = best_over_cases(rows[2:], 1)  # a tie: the earlier row wins
+    assert [(r["case"], r["index"], r["rank"]) for r in kept] == [("b", 1, 1)]
+    with pytest.raises(VolsegError, match="at least 1"):
+        best_over_cases(rows, 0)
+
+
+def test_even_baseline_over_cases_is_a_round_robin() -> None:
+    mask = sparse_slice_mask((36, 8, 8), slices_per_axis=1)
+    masks = {name: mask for name in "abcde"}
+    first = even_over_cases(masks, 3, np.random.default_rng(0), axes=(0,))
+    assert len({r["case"] for r in first}) == 3  # three different cases, each at its next even slice
+    assert {(r["axis"], r["index"]) for r in first} == {(0, 6)}
+    assert first == even_over_cases(masks, 3, np.random.default_rng(0), axes=(0,))  # seeded
+    # the next round goes to the two cases left out before anyone gets a second slice
+    labelled = {n: m | slices_mask(m.shape, [(r["axis"], r["index"]) for r in first if r["case"] == n])
+                for n, m in masks.items()}  # fmt: skip
+    second = even_over_cases(labelled, 4, np.random.default_rng(0), axes=(0,))
+    assert {r["case"] for r in second[:2]} == set("abcde") - {r["case"] for r in first}
+    assert [r["index"] for r in second[2:]] == [30, 30]
+    # a budget larger than the free slices stops when every slice is labelled
+    tiny = {"x": np.zeros((3, 2, 2), bool)}
+    assert len(even_over_cases(tiny, 10, np.random.default_rng(0), axes=(0,))) == 3
+
+
 @pytest.fixture(scope="module")
 def sparse_dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("suggest") / "sparse"
@@ -224,6 +257,28 @@ def test_cli_suggest_slices_end_to_end(
     # a second run refuses to replace the CSV
     assert run_cli(argv) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_budget_keeps_the_best_slices_over_the_dataset(
+    sparse_dataset: Path, trained_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    run_dir, _ = trained_run
+    common = ["suggest-slices", str(sparse_dataset), "-m", str(run_dir), "--top-k", "2", "--device", "cpu", "--quiet"]
+    assert run_cli([*common, "-o", str(tmp_path / "all")]) == 0
+    assert run_cli([*common, "-o", str(tmp_path / "budget"), "--budget", "3"]) == 0
+    everything = read_suggestions_csv(tmp_path / "all" / "suggestions.csv")
+    chosen = read_suggestions_csv(tmp_path / "budget" / "suggestions.csv")
+    assert len(chosen) == 3
+    best = sorted(float(r["score"]) for r in everything)[-3:]
+    assert sorted(float(r["score"]) for r in chosen) == best
+    for row in chosen:  # the same slices the per-case ranking found, ranks renumbered within each case
+        assert any((r["case"], r["axis"], r["index"]) == (row["case"], row["axis"], row["index"]) for r in everything)
+    for case in {r["case"] for r in chosen}:
+        assert sorted(r["rank"] for r in chosen if r["case"] == case) == list(range(1, 1 + sum(
+            r["case"] == case for r in chosen)))  # fmt: skip
+    previews = {p.stem for p in (tmp_path / "budget").glob("*.png")}
+    assert previews == {r["case"] for r in chosen}  # previews only for the cases that got a slice
+    assert run_cli([*common, "-o", str(tmp_path / "zero"), "--budget", "0"]) == 2
 
 
 def test_cli_refuses_a_dataset_without_an_ignore_label(

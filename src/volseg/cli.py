@@ -329,7 +329,8 @@ def suggest_slices(
     dataset: Annotated[Path, typer.Argument(help="sparsely labelled nnU-Net-layout dataset (dataset.json declares 'ignore')")],
     model: Annotated[list[Path], typer.Option("-m", "--model", help="run folder or .safetensors model file; repeat for an ensemble")],
     output: Annotated[Path, typer.Option("-o", "--output", help="folder for suggestions.csv and one preview PNG per case")],
-    top_k: Annotated[int, typer.Option(help="slices to suggest per case")] = 3,
+    top_k: Annotated[int, typer.Option(help="slices to suggest per case (with --budget: at most this many per case)")] = 3,
+    budget: Annotated[Optional[int], typer.Option(help="suggest only the N best slices over the whole dataset, so hard cases get more")] = None,
     axes: Annotated[str, typer.Option(help="axes to suggest slices on, any of 0,1,2 (I, J, K)")] = "0,1,2",
     mirror: Annotated[bool, typer.Option("--mirror/--no-mirror", help="average predictions mirrored along each axis")] = True,
     min_gap: Annotated[int, typer.Option(help="suggested slices on one axis are at least this many slices apart")] = 2,
@@ -346,7 +347,8 @@ def suggest_slices(
     except ValueError:
         raise VolsegError(None, f"--axes must be comma-separated axis numbers, got {axes!r}") from None
     rows = run_suggest(model, dataset, top_k=top_k, axes=axis_tuple, mirror=mirror, device=device, min_gap=min_gap,
-                       measure=measure.replace("-", "_"), out=output, overwrite=overwrite, progress=not quiet)
+                       measure=measure.replace("-", "_"), out=output, overwrite=overwrite, progress=not quiet,
+                       budget=budget)
     n_cases = len({r["case"] for r in rows})
     _echo(f"{len(rows)} slices suggested for {n_cases} case(s): {output / SUGGESTIONS_CSV}; previews {output}/<case>.png")
 

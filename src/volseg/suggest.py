@@ -20,6 +20,10 @@ Choices, and why:
   labelled in every slice of that axis (the lines where orthogonal labelled planes cross it) do
   not count, otherwise one labelled plane per axis would mark every slice of the other axes as
   labelled.
+- With a dataset-wide `budget`, the N best slices over all cases are kept instead of k per case:
+  a case the model already segments well gets none, a hard case several (up to `top_k`). An
+  annotator's hours are spent where they teach the model most, and a round can add fewer slices
+  than one per case.
 """
 
 from __future__ import annotations
@@ -255,6 +259,67 @@ def random_unlabelled_slices(
     return [free[int(p)] for p in picks]
 
 
+def best_over_cases(candidates: Iterable[Mapping[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The `budget` highest-scoring candidate rows over all cases, ranks renumbered 1.. within each case.
+
+    Ties go to the earlier row (the earlier case, then its better rank). Rows come back in their
+    input order, so each case's rows stay together and best first.
+
+    >>> rows = [{"case": "a", "rank": 1, "score": 5.0}, {"case": "a", "rank": 2, "score": 1.0},
+    ...         {"case": "b", "rank": 1, "score": 3.0}, {"case": "b", "rank": 2, "score": 2.0}]
+    >>> [(r["case"], r["rank"]) for r in best_over_cases(rows, 3)]
+    [('a', 1), ('b', 1), ('b', 2)]
+    """
+    if budget < 1:
+        raise VolsegError(None, f"the budget must be at least 1 slice, got {budget}")
+    rows = [dict(r) for r in candidates]
+    order = sorted(range(len(rows)), key=lambda i: (-float(rows[i]["score"]), i))
+    keep = sorted(order[:budget])
+    chosen = [rows[i] for i in keep]
+    seen: dict[str, int] = {}
+    for row in chosen:
+        seen[row["case"]] = seen.get(row["case"], 0) + 1
+        row["rank"] = seen[row["case"]]
+    return chosen
+
+
+def even_over_cases(
+    masks: Mapping[str, np.ndarray], budget: int, rng: np.random.Generator, axes: Sequence[int] = (0, 1, 2)
+) -> list[dict[str, Any]]:
+    """The evenly spread baseline for a dataset-wide budget: one `next_even_slices` slice per case, round robin.
+
+    The cases with the fewest labelled slices go first, ties in an order drawn from `rng` (the
+    same seed gives the same order every round, so repeated rounds walk through all cases before
+    any case gets a second slice). Rows {case, axis, index}.
+
+    >>> m = np.zeros((9, 2, 2), bool); m[4] = True
+    >>> rows = even_over_cases({"a": m, "b": m, "c": m}, 2, np.random.default_rng(0), axes=(0,))
+    >>> len(rows), len({r["case"] for r in rows}), sorted({r["index"] for r in rows})
+    (2, 2, [7])
+    """
+    if budget < 1:
+        raise VolsegError(None, f"the budget must be at least 1 slice, got {budget}")
+    axes = _check_axes(axes)
+    names = sorted(masks)
+    tiebreak = rng.permutation(len(names))
+    counts = {n: sum(int(labelled_slices(masks[n], a).sum()) for a in axes) for n in names}
+    current = {n: np.asarray(masks[n], dtype=bool).copy() for n in names}
+    rows: list[dict[str, Any]] = []
+    full: set[str] = set()  # cases with every slice labelled
+    while len(rows) < budget and len(full) < len(names):
+        i = min((j for j, n in enumerate(names) if n not in full), key=lambda j: (counts[names[j]], tiebreak[j]))
+        name = names[i]
+        picks = next_even_slices(current[name], 1, axes)
+        if not picks:
+            full.add(name)
+            continue
+        axis, index = picks[0]
+        current[name] |= slices_mask(current[name].shape, [(axis, index)])
+        counts[name] += 1
+        rows.append({"case": name, "axis": axis, "index": index})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # datasets and models
 
@@ -309,6 +374,7 @@ def suggest_slices(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    budget: int | None = None,
 ) -> list[dict[str, Any]]:
     """Rank every case's unlabelled slices by the model's uncertainty; rows best first per case.
 
@@ -316,6 +382,9 @@ def suggest_slices(
     the case's voxels labelled now). With `out`, writes `out/suggestions.csv` and one preview
     `out/<case>.png` per case (each suggested slice with the prediction's contours, beside its
     uncertainty map). Several model paths are an ensemble; `mirror` adds the mirrored variants.
+    With `budget`, only the `budget` best slices over all cases are kept (at most `top_k` per
+    case; `best_over_cases`), and only cases that got one have a preview. Memory stays bounded:
+    only the 2D planes of the current best `budget` candidates are held for the previews.
     """
     from volseg.inference import load_ensemble, resolve_device
 
@@ -327,6 +396,8 @@ def suggest_slices(
         raise VolsegError(None, f"--top-k must be at least 1, got {top_k}")
     if min_gap < 0:
         raise VolsegError(None, f"--min-gap must be 0 or more, got {min_gap}")
+    if budget is not None and budget < 1:
+        raise VolsegError(None, f"--budget must be at least 1 slice, got {budget}")
     info, cases, ignore = _sparse_dataset(dataset)
     csv_path = None if out is None else Path(out) / SUGGESTIONS_CSV
     if csv_path is not None and csv_path.exists() and not overwrite:
@@ -352,6 +423,7 @@ def suggest_slices(
 
         iterator = tqdm(cases, desc="suggest", unit="case", disable=None)
     rows: list[dict[str, Any]] = []
+    panels: dict[tuple[str, int, int], dict[str, Any]] = {}  # with a budget: preview planes of the kept rows
     for case in iterator:
         image, label = io.read_case(case, declared=[v for _, v in info.labels])
         if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
@@ -365,11 +437,24 @@ def suggest_slices(
              "labelled_fraction_before": round(fraction, 6)}
             for r, (axis, index, score) in enumerate(ranked)
         ]  # fmt: skip
-        rows += case_rows
-        if out is not None and case_rows:
-            seg = np.asarray(data.class_values)[mean.argmax(0)]
-            plot_suggestions(image.array[0], seg, uncertainty, labelled, case_rows, Path(out) / f"{case.case_id}.png",
-                             spacing=image.spacing)
+        if not case_rows:
+            continue
+        seg = np.asarray(data.class_values)[mean.argmax(0)] if out is not None else None
+        if budget is None:
+            rows += case_rows
+            if seg is not None:
+                plot_suggestions(image.array[0], seg, uncertainty, labelled, case_rows,
+                                 Path(out) / f"{case.case_id}.png", spacing=image.spacing)  # fmt: skip
+            continue
+        rows = best_over_cases(rows + case_rows, budget)
+        if seg is not None:
+            panels.update(_panels(image.array[0], seg, uncertainty, labelled, case_rows, image.spacing))
+            kept = {(r["case"], r["axis"], r["index"]) for r in rows}
+            panels = {key: panel for key, panel in panels.items() if key in kept}
+    if budget is not None and out is not None:
+        for name in dict.fromkeys(r["case"] for r in rows):
+            mine = [r for r in rows if r["case"] == name]
+            _plot_panels([panels[(name, r["axis"], r["index"])] for r in mine], mine, Path(out) / f"{name}.png")
     if csv_path is not None:
         write_suggestions_csv(csv_path, rows)
     return rows
@@ -416,38 +501,70 @@ def plot_suggestions(
     Axes as in `report.plot_overlay` (rows and columns are the two remaining axes in order,
     physical aspect ratio). Already labelled voxels are hatched-out on the uncertainty map.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    planes = _panels(image, seg, uncertainty, labelled, rows, spacing)
+    _plot_panels([planes[(r["case"], int(r["axis"]), int(r["index"]))] for r in rows], rows, out_png)
 
-    image = np.asarray(image, dtype=np.float64)
+
+def _panels(
+    image: np.ndarray,
+    seg: np.ndarray,
+    uncertainty: np.ndarray,
+    labelled: np.ndarray,
+    rows: Sequence[Mapping[str, Any]],
+    spacing: Sequence[float],
+) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """The 2D planes a preview of each row needs, keyed by (case, axis, index).
+
+    Small enough to keep for many candidates while the rest of the volume is dropped; the grey
+    window and the class list come from the whole volume, so every plane of a case looks alike.
+    """
+    image = np.asarray(image, dtype=np.float32)
     finite = image[np.isfinite(image)]
-    low, high = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
-    values = [int(v) for v in np.unique(seg) if v != 0]
-    fig = Figure(figsize=(8.0, 3.6 * len(rows)), layout="constrained")
-    FigureCanvasAgg(fig)
-    grid = np.atleast_2d(np.asarray(fig.subplots(len(rows), 2), dtype=object))
-    for (left, right), row in zip(grid, rows):
+    window = tuple(np.percentile(finite, [0.5, 99.5])) if finite.size else (0.0, 1.0)
+    values = tuple(int(v) for v in np.unique(seg) if v != 0)
+    out: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for row in rows:
         axis, index = int(row["axis"]), int(row["index"])
         rows_axis, cols_axis = [a for a in range(3) if a != axis]
         where: list[Any] = [slice(None)] * 3
         where[axis] = index
         cut = tuple(where)
-        aspect = spacing[rows_axis] / spacing[cols_axis]
-        left.imshow(image[cut], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect,
+        out[(str(row["case"]), axis, index)] = {
+            "image": image[cut].copy(), "seg": np.asarray(seg)[cut].copy(), "uncertainty": uncertainty[cut].copy(),
+            "labelled": np.asarray(labelled, dtype=bool)[cut].copy(), "window": window, "values": values,
+            "aspect": spacing[rows_axis] / spacing[cols_axis], "axes": (rows_axis, cols_axis),
+        }  # fmt: skip
+    return out
+
+
+def _plot_panels(panels: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], out_png: str | Path) -> None:
+    """Draw `_panels` planes, one figure row per suggestion row, and write the PNG atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 3.6 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = np.atleast_2d(np.asarray(fig.subplots(len(rows), 2), dtype=object))
+    for (left, right), row, panel in zip(grid, rows, panels):
+        low, high = panel["window"]
+        aspect = panel["aspect"]
+        rows_axis, cols_axis = panel["axes"]
+        left.imshow(panel["image"], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect,
                     origin="lower")
-        plane = seg[cut]
+        plane = panel["seg"]
         if min(plane.shape) >= 2:
-            for i, value in enumerate(values):
+            for i, value in enumerate(panel["values"]):
                 if (plane == value).any():
                     left.contour((plane == value).astype(float), levels=[0.5], colors=[f"C{i % 10}"], linewidths=1.2)
-        heat = right.imshow(uncertainty[cut], cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest",
+        heat = right.imshow(panel["uncertainty"], cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest",
                             aspect=aspect, origin="lower")
-        known = labelled[cut]
+        known = panel["labelled"]
         if known.any():
             right.imshow(np.ma.masked_where(~known, known), cmap="Greys", vmin=0, vmax=1, alpha=0.6,
                          interpolation="nearest", aspect=aspect, origin="lower")
         fig.colorbar(heat, ax=right, shrink=0.8, label="uncertainty")
-        left.set_title(f"{row['case']}: #{row['rank']} axis {axis}, slice {index}", fontsize=9)
+        left.set_title(f"{row['case']}: #{row['rank']} axis {int(row['axis'])}, slice {int(row['index'])}",
+                       fontsize=9)
         right.set_title(f"score {float(row['score']):.1f} (grey: labelled)", fontsize=9)
         for ax in (left, right):
             ax.set_xlabel(f"axis {cols_axis}")
