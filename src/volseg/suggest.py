@@ -21,9 +21,8 @@ Choices, and why:
   not count, otherwise one labelled plane per axis would mark every slice of the other axes as
   labelled.
 - With a dataset-wide `budget`, the N best slices over all cases are kept instead of k per case:
-  a case the model already segments well gets none, a hard case several (up to `top_k`). An
-  annotator's hours are spent where they teach the model most, and a round can add fewer slices
-  than one per case.
+  a case the model is already sure of gets none, a case it is unsure of several (up to `top_k`),
+  and a round can add fewer slices than one per case.
 """
 
 from __future__ import annotations
@@ -303,7 +302,7 @@ def even_over_cases(
     names = sorted(masks)
     tiebreak = rng.permutation(len(names))
     counts = {n: sum(int(labelled_slices(masks[n], a).sum()) for a in axes) for n in names}
-    current = {n: np.asarray(masks[n], dtype=bool).copy() for n in names}
+    current = dict(masks)  # a case's mask is copied when it gets its first slice
     rows: list[dict[str, Any]] = []
     full: set[str] = set()  # cases with every slice labelled
     while len(rows) < budget and len(full) < len(names):
@@ -314,7 +313,7 @@ def even_over_cases(
             full.add(name)
             continue
         axis, index = picks[0]
-        current[name] |= slices_mask(current[name].shape, [(axis, index)])
+        current[name] = np.asarray(current[name], dtype=bool) | slices_mask(current[name].shape, [(axis, index)])
         counts[name] += 1
         rows.append({"case": name, "axis": axis, "index": index})
     return rows
