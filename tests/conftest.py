@@ -7,6 +7,7 @@ read-only: a test that changes a run or a dataset copies it into its own `tmp_pa
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ _TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "model": {"base_width": 4, "depth": 3},
     "train": {"patch_size": (16, 16, 16), "batch_size": 2, "iters_per_epoch": 5, "max_epochs": 2},
 }
+
+@pytest.fixture
+def src_env() -> dict[str, str]:
+    """Environment for a `python -m volseg` subprocess: this checkout's src first, then any PYTHONPATH
+    the suite itself runs under (dependencies installed with `pip --target`, as on a bare GPU box)."""
+    import volseg
+
+    src = str(Path(volseg.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
 
 
 @pytest.fixture

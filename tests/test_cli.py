@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import volseg
 from volseg import io, synthetic
 from volseg.cli import app, main
 
@@ -154,11 +152,11 @@ def test_check_broken_dataset_exits_2_and_prints_every_problem(tmp_path, capsys)
     assert "Traceback" not in err
 
 
-def test_check_broken_dataset_exit_code_of_the_real_program(tmp_path):
+def test_check_broken_dataset_exit_code_of_the_real_program(tmp_path, src_env):
     """The same through `python -m volseg`, i.e. what a shell or CI job sees."""
     root = tmp_path / "broken"
     broken_dataset(root)
-    env = {**os.environ, "PYTHONPATH": str(Path(volseg.__file__).parents[1])}
+    env = src_env
     result = subprocess.run([sys.executable, "-m", "volseg", "check", str(root)], capture_output=True, text=True,
                             env=env, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -251,8 +249,8 @@ def test_usage_errors_exit_2_without_traceback(argv, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_usage_error_exit_code_of_the_real_program(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(volseg.__file__).parents[1])}
+def test_usage_error_exit_code_of_the_real_program(tmp_path, src_env):
+    env = src_env
     result = subprocess.run([sys.executable, "-m", "volseg", "train", str(tmp_path)], capture_output=True,
                             text=True, env=env, timeout=120)
     assert result.returncode == 2

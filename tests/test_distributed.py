@@ -42,3 +42,24 @@ def test_torchrun_two_cpu_processes(tiny_dataset: Path, tmp_path: Path) -> None:
         out = model(torch.zeros(1, 1, 16, 16, 16))
     assert out.shape == (1, cfg.model.num_classes, 16, 16, 16)
     assert not any(k.startswith("module.") for k in model.state_dict())
+
+
+@pytest.mark.parametrize(("device", "backend", "expected"), [
+    ("cpu", "gloo", torch.device("cpu")),
+    # NCCL takes CUDA tensors only; the per-step clock/stop reductions are CPU tensors and go over gloo
+    ("cuda", "cpu:gloo,cuda:nccl", torch.device("cuda", 1)),
+])  # fmt: skip
+def test_process_group_backend_per_device(monkeypatch, device, backend, expected):
+    import torch.distributed as dist
+
+    from volseg.train import Dist
+
+    seen: list[str] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    assert Dist().start(torch.device(device)) == expected
+    assert seen == [backend]

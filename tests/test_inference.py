@@ -389,3 +389,12 @@ def test_predict_folder_names_outputs_by_case_and_continue_skips_existing(traine
 def test_predict_paths_missing_input_is_a_clear_error(trained_run, tmp_path):
     with pytest.raises(VolsegError, match="not found"):
         predict_paths(trained_run[0], tmp_path / "nope.nii.gz", tmp_path / "out", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_autocast_dtype_is_bf16_where_the_gpu_has_it_else_fp16(monkeypatch, bf16, expected):
+    from volseg.inference import autocast_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert autocast_dtype(torch.device("cuda", 0)) == expected
+    assert autocast_dtype(torch.device("cpu")) is None

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +13,6 @@ import pytest
 import volseg.planning as vplan
 from volseg.config import Config, DataConfig
 from volseg.planning import plan_config, plan_patch
-
-SRC = str(Path(vplan.__file__).resolve().parents[1])
 
 
 def test_doctests():
@@ -79,7 +75,7 @@ def test_patch_within_budget_after_rounding():
     assert int(np.prod(patch)) <= 600_000
 
 
-def test_thin_anisotropic_stack_terminates():
+def test_thin_anisotropic_stack_terminates(src_env):
     """A thin stack of thick slices (10 x 1024 x 1024 at 10 x 0.25 x 0.25 mm, electron-microscopy
     like) used to loop for ever: the first axis is physically longest, and floored at 8 voxels it
     never shrinks again. Run it in a child process so that a hang fails instead of blocking the suite."""
@@ -90,7 +86,7 @@ def test_thin_anisotropic_stack_terminates():
     try:
         done = subprocess.run(
             [sys.executable, "-c", code],
-            env={**os.environ, "PYTHONPATH": SRC},
+            env=src_env,
             capture_output=True,
             text=True,
             timeout=10,

@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import volseg
 from volseg import io, synthetic
 from volseg.checkpoint import load_model, read_model_file, save_model
 from volseg.cli import main
@@ -486,12 +485,12 @@ def _visible(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
 
 
-def test_killed_predict_resumes_with_continue(model_file, tmp_path, capfd):
+def test_killed_predict_resumes_with_continue(model_file, tmp_path, capfd, src_env):
     inputs, out = tmp_path / "in", tmp_path / "out"
     names = [f"case_{i}" for i in range(6)]
     for i, name in enumerate(names):
         io.write_volume(inputs / f"{name}_0000.nii.gz", raw_image(i, (40, 36, 24)), affine=AFFINE)
-    env = {**os.environ, "PYTHONPATH": str(Path(volseg.__file__).parents[1])}
+    env = src_env
     proc = subprocess.Popen([sys.executable, "-m", "volseg", *map(str, predict(model_file, inputs, out))], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

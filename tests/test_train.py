@@ -283,3 +283,45 @@ def test_class_frequencies_count_labelled_voxels_only():
     case = CaseData("c", np.zeros((1, 4, 3, 2), np.float32), label, weight, {}, (1.0, 1.0, 1.0))
     dense = CaseData("d", np.zeros((1, 1, 1, 2), np.float32), np.array([[[0, 2]]], np.uint8), None, {}, (1.0, 1.0, 1.0))
     np.testing.assert_allclose(class_frequencies([case, dense], 3), np.array([6, 6, 2]) / 14)
+
+
+def test_fp16_autocast_trains_through_a_grad_scaler(tiny_dataset, tiny_overrides, tmp_path, monkeypatch):
+    """GPUs without bf16 (T4, V100) train under fp16 autocast, which needs loss scaling; forced here on the CPU."""
+    import volseg.train as train_module
+
+    made: list[torch.amp.GradScaler] = []
+    steps: list[float] = []
+
+    class SpyScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def step(self, optimizer, *args, **kwargs):
+            steps.append(self.get_scale() if self.is_enabled() else 0.0)
+            return super().step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
+    monkeypatch.setattr(train_module, "autocast_dtype", lambda dev: torch.float16)
+    tiny_overrides["train"].update(max_epochs=1, iters_per_epoch=3)
+    short_train(tiny_dataset, tmp_path / "run", tiny_overrides)
+    assert len(made) == 1 and made[0].is_enabled()
+    assert len(steps) == 3 and all(s > 0 for s in steps)  # every step went through the scaler
+    rows = read_metrics(tmp_path / "run")
+    assert np.isfinite(float(rows[0]["train_loss"])) and np.isfinite(float(rows[0]["val_loss"]))
+    tensors, _, _ = read_model_file(tmp_path / "run" / MODEL_LAST)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_fp32_training_keeps_the_grad_scaler_off(tiny_dataset, tiny_overrides, tmp_path, monkeypatch):
+    made: list[torch.amp.GradScaler] = []
+
+    class SpyScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
+    tiny_overrides["train"].update(max_epochs=1, iters_per_epoch=2)
+    short_train(tiny_dataset, tmp_path / "run", tiny_overrides)
+    assert len(made) == 1 and not made[0].is_enabled()

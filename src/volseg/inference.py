@@ -343,11 +343,19 @@ def resampled_argmax(
     return labels
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Reduced precision for CUDA: bf16 where the GPU has it, else fp16 (e.g. T4, V100, whose
+    autocast refuses bf16); None (plain fp32) on the CPU, which has no fast half-precision convs."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def make_predictor(model: torch.nn.Module, device: torch.device) -> Predictor:
     """Forward under autocast on CUDA (fp16/bf16 tensor cores); plain fp32 on the CPU."""
     model = model.to(device).eval()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = autocast_dtype(device)
+    if dtype is not None:
 
         def predict(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cuda", dtype=dtype):

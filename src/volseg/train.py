@@ -26,7 +26,14 @@ from volseg.checkpoint import MODEL_BEST, MODEL_LAST, TRAIN_STATE, load_train_st
 from volseg.config import Config, DataConfig
 from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
 from volseg.errors import VolsegError
-from volseg.inference import make_predictor, output_window, resolve_device, sliding_window, window_options
+from volseg.inference import (
+    autocast_dtype,
+    make_predictor,
+    output_window,
+    resolve_device,
+    sliding_window,
+    window_options,
+)
 from volseg.losses import SIGMOID_LOSSES, get_loss
 from volseg.model import UNet3d, center_crop
 from volseg.planning import make_plan
@@ -70,7 +77,9 @@ class Dist:
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # the per-step clock/stop collectives are small CPU tensors: gloo carries them, NCCL
+            # (which takes CUDA tensors only) the gradients
+            dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
         return device
 
     def _reduce(self, values: np.ndarray, op: str) -> np.ndarray:
@@ -388,7 +397,9 @@ def _train(
     run_start = time.monotonic() - spent_s
     prep_s = time.monotonic() - t0
 
-    scaler_dtype = torch.bfloat16 if dev.type == "cuda" else None
+    amp_dtype = autocast_dtype(dev)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     val_s = 0.0
     stop_reason = "max_epochs"
     model.train()
@@ -424,15 +435,17 @@ def _train(
                 x, y, w = (t.to(dev, non_blocking=True) for t in batch[:3])
                 if len(batch) == 4:  # regions cut on the CPU, resampled here on the GPU
                     x, y, w = finish_augment(x, y, w, batch[3], tc.patch_size, cfg.model.num_classes)
-                with torch.autocast(dev.type, dtype=scaler_dtype, enabled=scaler_dtype is not None):
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(x)
                 if cfg.model.padding == "valid":
                     y, w = center_crop(y, tuple(logits.shape[2:])), center_crop(w, tuple(logits.shape[2:]))
                 loss = loss_fn(logits.float(), y, w)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-                optimizer.step()
+                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+                scaler.update()
                 losses.append(float(loss.detach()))
                 step += 1
                 if bar is not None:
