@@ -106,13 +106,13 @@ def plan_command(
     """Fingerprint a dataset and write an editable training plan (spacing, normalisation, patch, batch)."""
     from volseg import io
     from volseg.inference import resolve_device
-    from volseg.planning import make_plan
+    from volseg.memory import make_device_plan
     from volseg.train import data_config_from_dataset
 
     if output.exists() and not overwrite:
         raise VolsegError(output, "output already exists", "pass --overwrite to replace it")
     info, cases = io.read_dataset(dataset)
-    cfg, fingerprint = make_plan(data_config_from_dataset(info), cases, resolve_device(device).type)
+    cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, resolve_device(device))
     from volseg.report import write_json
 
     write_json(output, {"config": json.loads(cfg.to_json()), "fingerprint": fingerprint})

@@ -36,7 +36,7 @@ from volseg.inference import (
 )
 from volseg.losses import SIGMOID_LOSSES, get_loss
 from volseg.model import UNet3d, center_crop
-from volseg.planning import make_plan
+from volseg.memory import make_device_plan
 from volseg.preprocessing import encode_labels
 
 METRICS_CSV = "metrics.csv"
@@ -332,7 +332,7 @@ def _train(
         cfg = _read_plan(Path(plan))
         fingerprint = None
     else:
-        cfg, fingerprint = make_plan(data_config_from_dataset(info), cases, dev.type)
+        cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, dev)
     if not resume:
         cfg = _apply_overrides(cfg, overrides or {}, seed, max_minutes)
         if cfg.model.in_channels != len(info.channel_names) or cfg.data.class_values != data_config_from_dataset(info).class_values:

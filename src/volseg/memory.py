@@ -1,0 +1,147 @@
+"""Training memory: what one step of a planned U-Net holds, and a plan shrunk to fit the device.
+
+The planner's patch and batch come from voxel budgets per device kind, which say nothing about
+the card in hand: a 160^3 patch that an 80 GB GPU trains happily runs out of memory on an 8 GB
+one. Here the network is run once on PyTorch's meta device (shapes only: no memory, no
+arithmetic) and every tensor autograd keeps for the backward pass is counted. That count grows
+linearly with the batch, so the plan can drop the batch, then shrink the patch, until a step fits
+a share of the device's memory. Small plans skip the count: a cheap bound already shows they fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from volseg import io
+from volseg.config import Config, DataConfig, ModelConfig
+from volseg.errors import VolsegError
+from volseg.model import UNet3d, level_widths, size_divisor, valid_input_size
+from volseg.planning import make_plan
+
+# Share of the device's memory a training step may plan for. On a CPU the real peak of a step was
+# 1.3-1.7 times `step_bytes` (backward scratch and gradients; tests/test_memory.py checks < 2x),
+# and the machine also holds the OS, the preprocessed cases and the loader's batches. On a GPU the
+# count is float32 while autocast keeps most activations in bf16/fp16, which leaves room for the
+# CUDA context, cuDNN workspaces and the allocator's slack.
+FRACTION = {"cuda": 0.7, "cpu": 0.4}
+
+
+def _meta_unet(model_cfg: ModelConfig) -> UNet3d:
+    """The network with shapes only (the first meta-device call in a process loads PyTorch's reference
+    kernels, about 3 s on a 2-core CPU: `fit_to_memory` only pays it when the cheap bound fails)."""
+    with torch.device("meta"):
+        return UNet3d(model_cfg)
+
+
+def step_bytes_bound(model_cfg: ModelConfig, patch: Sequence[int], batch: int) -> int:
+    """A cheap upper bound of `step_bytes`, about 4x above it, to skip the exact count for small plans.
+
+    Level l has 8^-l of the voxels and at most 2^l times the base width, so all levels together hold
+    less than 4/3 of the full-resolution level; its saved tensors come to about 16 float32 values per
+    voxel and base channel (measured with `activation_bytes`), bounded here by 64. Inputs and
+    logits scale with the channel and class counts instead. Each level's convolutions hold fewer
+    than 200 w^2 weights (27 (w^2 + w^2 + 2w^2 + w^2) plus the up-convolution), 12 bytes each with
+    their gradients and momentum.
+    """
+    voxels = batch * int(math.prod(patch))
+    activations = 4 * voxels * (64 * model_cfg.base_width + 8 * (model_cfg.in_channels + model_cfg.num_classes))
+    return activations + 12 * 200 * sum(w * w for w in level_widths(model_cfg))
+
+
+def activation_bytes(model_cfg: ModelConfig, patch: Sequence[int], batch: int) -> int:
+    """Bytes of the tensors autograd saves in one float32 forward pass of `batch` patches.
+
+    Under CUDA autocast many of these are bf16/fp16, so for GPU training this is an upper bound.
+    """
+    net = _meta_unet(model_cfg)
+    x = torch.empty((batch, model_cfg.in_channels, *patch), device="meta", requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[id(t)] = t.numel() * t.element_size()  # a tensor saved by two ops is held once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    # the loss keeps about five logits-sized tensors for its backward (Dice + CE; CE alone three)
+    return sum(saved.values()) + 5 * out.numel() * out.element_size()
+
+
+def step_bytes(model_cfg: ModelConfig, patch: Sequence[int], batch: int) -> int:
+    """Peak bytes of one SGD training step: activations plus weights, gradients and momentum."""
+    n_params = sum(p.numel() for p in _meta_unet(model_cfg).parameters())
+    return activation_bytes(model_cfg, patch, batch) + 3 * 4 * n_params
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of a CUDA device, or the machine's physical RAM for the CPU; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device.index or 0).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX (Windows): keep the plan as it is
+        return None
+
+
+def _shrink(model_cfg: ModelConfig, patch: tuple[int, int, int], spacing: Sequence[float]) -> tuple[int, int, int] | None:
+    """The patch a pooling divisor shorter along its physically longest shrinkable axis; None at the floor
+    (two divisors: the bottleneck keeps at least 2 voxels along the axis, as instance norm needs)."""
+    div = size_divisor(model_cfg)
+    options = []
+    for axis in range(3):
+        size = valid_input_size(model_cfg, patch[axis] - div) if patch[axis] - div >= 2 * div else patch[axis]
+        if size < patch[axis]:
+            options.append((patch[axis] * spacing[axis], patch[axis], axis, size))
+    if not options:
+        return None
+    _, _, axis, size = max(options)
+    out = list(patch)
+    out[axis] = size
+    return (out[0], out[1], out[2])
+
+
+def fit_to_memory(cfg: Config, memory_bytes: int | None, device_type: str) -> tuple[Config, dict[str, float]]:
+    """Lower the batch (not below 2), then shrink the patch, until a training step fits the device.
+
+    Returns the config (unchanged when it already fits or the memory is unknown) and what was
+    decided, in GiB, for the plan's fingerprint.
+    """
+    if memory_bytes is None:
+        return cfg, {}
+    budget = FRACTION.get(device_type, FRACTION["cpu"]) * memory_bytes
+    model, tc = cfg.model, cfg.train
+    patch, batch = tuple(tc.patch_size), tc.batch_size
+    spacing = cfg.data.spacing or (1.0, 1.0, 1.0)
+    info = {"device_memory_gib": round(memory_bytes / 2**30, 2), "step_memory_budget_gib": round(budget / 2**30, 2)}
+    bound = step_bytes_bound(model, patch, batch)
+    if bound <= budget:
+        return cfg, {**info, "step_memory_bound_gib": round(bound / 2**30, 3)}
+    need = step_bytes(model, patch, batch)
+    if need > budget and batch > 2:  # activations are linear in the batch: solve for the largest that fits
+        one = step_bytes(model, patch, 1)
+        per_sample = step_bytes(model, patch, 2) - one
+        batch = max(2, min(batch, int((budget - (one - per_sample)) // per_sample)))
+        need = step_bytes(model, patch, batch)
+    while need > budget:
+        smaller = _shrink(model, patch, spacing)  # type: ignore[arg-type]
+        if smaller is None:
+            raise VolsegError(None, f"a training step needs {need / 2**30:.1f} GiB at batch {batch} and patch "
+                              f"{patch}, more than the {budget / 2**30:.1f} GiB planned for on this {device_type} "
+                              "device", "choose a narrower or shallower network (--base-width, --depth)")
+        patch = smaller
+        need = step_bytes(model, patch, batch)
+    fitted = dataclasses.replace(cfg, train=dataclasses.replace(tc, patch_size=patch, batch_size=batch))
+    return fitted, {**info, "step_memory_gib": round(need / 2**30, 3)}
+
+
+def make_device_plan(data: DataConfig, cases: Sequence[io.Case], device: torch.device) -> tuple[Config, dict[str, Any]]:
+    """`planning.make_plan` for this device, with its patch and batch fitted to the device's memory."""
+    cfg, fingerprint = make_plan(data, cases, device.type)
+    cfg, info = fit_to_memory(cfg, device_memory_bytes(device), device.type)
+    return cfg, {**fingerprint, **info}

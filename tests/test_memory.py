@@ -1,0 +1,131 @@
+"""volseg.memory: the counted training memory against a real step, its bound, and plans fitted to a device."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from volseg.config import Config, DataConfig, InferConfig, ModelConfig, TrainConfig
+from volseg.errors import VolsegError
+from volseg.memory import activation_bytes, fit_to_memory, make_device_plan, step_bytes, step_bytes_bound
+from volseg.model import UNet3d, size_divisor
+
+GIB = 2**30
+LABELS = (("background", 0), ("a", 1), ("b", 2))
+
+
+def config(width: int = 32, depth: int = 5, patch=(160, 160, 160), batch: int = 2, spacing=(1.0, 1.0, 1.0)) -> Config:
+    return Config(
+        data=DataConfig(channel_names=("MRI",), labels=LABELS, spacing=spacing),
+        model=ModelConfig(in_channels=1, num_classes=3, base_width=width, depth=depth),
+        train=TrainConfig(patch_size=patch, batch_size=batch),
+        infer=InferConfig(),
+    )
+
+
+def test_meta_count_equals_the_tensors_a_real_forward_saves():
+    cfg = ModelConfig(in_channels=2, num_classes=3, base_width=4, depth=3)
+    torch.manual_seed(0)
+    net = UNet3d(cfg)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(torch.randn(2, 2, 16, 24, 16, requires_grad=True))
+    real = sum(saved.values()) + 5 * out.numel() * out.element_size()
+    assert activation_bytes(cfg, (16, 24, 16), 2) == real
+
+
+def test_activations_grow_linearly_with_the_batch():
+    cfg = ModelConfig(in_channels=1, num_classes=3, base_width=8, depth=4)
+    one, two, three = (activation_bytes(cfg, (32, 40, 32), b) for b in (1, 2, 3))
+    assert three - two == two - one > 0
+
+
+@pytest.mark.parametrize(("width", "depth", "max_width", "patch", "batch", "classes"), [
+    (16, 4, 256, (40, 56, 40), 2, 3), (4, 3, 256, (16, 16, 16), 2, 3), (32, 5, 320, (32, 32, 32), 2, 3),
+    (64, 5, 512, (32, 32, 32), 2, 3), (16, 3, 256, (8, 8, 8), 2, 3), (8, 4, 256, (32, 32, 32), 4, 40),
+])  # fmt: skip
+def test_the_cheap_bound_is_above_the_count(width, depth, max_width, patch, batch, classes):
+    cfg = ModelConfig(in_channels=1, num_classes=classes, base_width=width, max_width=max_width, depth=depth)
+    exact = step_bytes(cfg, patch, batch)
+    assert exact < step_bytes_bound(cfg, patch, batch) < 6 * exact
+
+
+def test_count_is_within_2x_of_a_real_cpu_steps_peak():
+    """One real training step in a fresh process: its peak RSS growth against `step_bytes`."""
+    code = (
+        "import resource, torch\n"
+        "from volseg.config import ModelConfig\nfrom volseg.model import UNet3d\n"
+        "from volseg.memory import step_bytes\nfrom volseg.losses import get_loss\n"
+        "torch.set_num_threads(1)\n"
+        "m = ModelConfig(in_channels=1, num_classes=3, base_width=16, depth=4)\n"
+        "est = step_bytes(m, (48, 48, 48), 2)\n"
+        "net = UNet3d(m); opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99)\n"
+        "x = torch.randn(2, 1, 48, 48, 48); y = torch.randint(0, 3, (2, 48, 48, 48)); w = torch.ones(2, 48, 48, 48)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "loss = get_loss('dice_ce')(net(x), y, w); opt.zero_grad(); loss.backward(); opt.step()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / est)\n"
+    )
+    if sys.platform != "linux":
+        pytest.skip("ru_maxrss is in kilobytes on Linux only")
+    ratio = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 timeout=120).stdout)  # fmt: skip
+    assert 0.8 < ratio < 2.0, ratio
+
+
+def test_a_plan_that_fits_is_kept_without_counting():
+    cfg = config(width=16, depth=4, patch=(40, 56, 40), batch=2)
+    fitted, info = fit_to_memory(cfg, 24 * GIB, "cpu")
+    assert fitted == cfg
+    assert info["device_memory_gib"] == 24 and "step_memory_bound_gib" in info and "step_memory_gib" not in info
+
+
+def test_unknown_memory_keeps_the_plan():
+    cfg = config()
+    assert fit_to_memory(cfg, None, "cuda") == (cfg, {})
+
+
+def test_batch_is_lowered_to_the_largest_that_fits():
+    cfg = config(width=32, depth=4, patch=(40, 56, 40), batch=16)
+    need16 = step_bytes(cfg.model, (40, 56, 40), 16)
+    memory = int(need16 / 2 / 0.7)  # room for about half the batch
+    fitted, info = fit_to_memory(cfg, memory, "cuda")
+    b = fitted.train.batch_size
+    assert fitted.train.patch_size == (40, 56, 40) and 2 <= b < 16
+    assert step_bytes(cfg.model, (40, 56, 40), b) <= 0.7 * memory < step_bytes(cfg.model, (40, 56, 40), b + 1)
+    assert info["step_memory_gib"] <= info["step_memory_budget_gib"]
+
+
+@pytest.mark.parametrize("gib", [8, 4])
+def test_patch_shrinks_along_the_physically_longest_axis_until_a_step_fits(gib):
+    cfg = config(patch=(160, 160, 160), batch=2, spacing=(2.0, 1.0, 1.0))
+    fitted, info = fit_to_memory(cfg, gib * GIB, "cuda")
+    patch = fitted.train.patch_size
+    assert fitted.train.batch_size == 2
+    assert step_bytes(cfg.model, patch, 2) <= 0.7 * gib * GIB
+    assert all(p % size_divisor(cfg.model) == 0 for p in patch)
+    assert patch[0] < 160 and patch[0] * 2.0 >= max(patch[1], patch[2]) - size_divisor(cfg.model)  # thick axis first
+    assert dataclasses.replace(fitted, train=cfg.train) == cfg  # nothing else changed
+
+
+def test_a_device_too_small_for_any_patch_is_a_clear_error():
+    with pytest.raises(VolsegError, match="narrower or shallower"):
+        fit_to_memory(config(), 1 * 2**20, "cuda")
+
+
+def test_device_plan_records_the_memory_in_the_fingerprint(tiny_dataset):
+    from volseg import io
+    from volseg.train import data_config_from_dataset
+
+    info, cases = io.read_dataset(tiny_dataset)
+    cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, torch.device("cpu"))
+    assert fingerprint["device"] == "cpu" and fingerprint["device_memory_gib"] > 0
+    assert fingerprint["step_memory_bound_gib"] <= fingerprint["step_memory_budget_gib"]
