@@ -437,6 +437,7 @@ def input_size_for_params(params: AugmentParams, out_size: Sequence[int]) -> tup
     >>> p = identity_params(2, (1.0, 1.0, 1.0), (20, 30, 40))
     >>> input_size_for_params(p, (20, 30, 40))
     (20, 30, 40)
+    >>> from dataclasses import replace
     >>> input_size_for_params(replace(p, zoom=np.array([[1.0] * 3, [0.5] * 3])), (20, 30, 40))
     (40, 60, 80)
     """
