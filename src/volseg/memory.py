@@ -40,7 +40,7 @@ def _meta_unet(model_cfg: ModelConfig) -> UNet3d:
 
 
 def step_bytes_bound(model_cfg: ModelConfig, patch: Sequence[int], batch: int) -> int:
-    """A cheap upper bound of `step_bytes`, about 4x above it, to skip the exact count for small plans.
+    """A cheap upper bound of `step_bytes` (2-5x above it), to skip the exact count for small plans.
 
     Level l has 8^-l of the voxels and at most 2^l times the base width, so all levels together hold
     less than 4/3 of the full-resolution level; its saved tensors come to about 16 float32 values per
