@@ -285,10 +285,8 @@ def test_class_frequencies_count_labelled_voxels_only():
     np.testing.assert_allclose(class_frequencies([case, dense], 3), np.array([6, 6, 2]) / 14)
 
 
-def test_fp16_autocast_trains_through_a_grad_scaler(tiny_dataset, tiny_overrides, tmp_path, monkeypatch):
-    """GPUs without bf16 (T4, V100) train under fp16 autocast, which needs loss scaling; forced here on the CPU."""
-    import volseg.train as train_module
-
+def spy_on_grad_scalers(monkeypatch) -> tuple[list[torch.amp.GradScaler], list[float]]:
+    """The GradScalers training makes, and the scale at each optimiser step (0 when disabled)."""
     made: list[torch.amp.GradScaler] = []
     steps: list[float] = []
 
@@ -302,6 +300,14 @@ def test_fp16_autocast_trains_through_a_grad_scaler(tiny_dataset, tiny_overrides
             return super().step(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
+    return made, steps
+
+
+def test_fp16_autocast_trains_through_a_grad_scaler(tiny_dataset, tiny_overrides, tmp_path, monkeypatch):
+    """GPUs without bf16 (T4, V100) train under fp16 autocast, which needs loss scaling; forced here on the CPU."""
+    import volseg.train as train_module
+
+    made, steps = spy_on_grad_scalers(monkeypatch)
     monkeypatch.setattr(train_module, "autocast_dtype", lambda dev: torch.float16)
     tiny_overrides["train"].update(max_epochs=1, iters_per_epoch=3)
     short_train(tiny_dataset, tmp_path / "run", tiny_overrides)
@@ -314,14 +320,8 @@ def test_fp16_autocast_trains_through_a_grad_scaler(tiny_dataset, tiny_overrides
 
 
 def test_fp32_training_keeps_the_grad_scaler_off(tiny_dataset, tiny_overrides, tmp_path, monkeypatch):
-    made: list[torch.amp.GradScaler] = []
-
-    class SpyScaler(torch.amp.GradScaler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
+    made, steps = spy_on_grad_scalers(monkeypatch)
     tiny_overrides["train"].update(max_epochs=1, iters_per_epoch=2)
     short_train(tiny_dataset, tmp_path / "run", tiny_overrides)
     assert len(made) == 1 and not made[0].is_enabled()
+    assert steps == [0.0, 0.0]
