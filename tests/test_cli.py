@@ -357,3 +357,23 @@ def test_demo_produces_overlay_metrics_and_curves(tmp_path, capsys):
     (foreign / "keep.txt").write_text("precious")
     assert run_cli(["demo", "-o", str(foreign), "--minutes", "0.01"]) == 2
     assert (foreign / "keep.txt").read_text() == "precious"
+
+
+def test_plan_writes_an_editable_plan_that_train_uses(tiny_dataset, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert run_cli(["plan", str(tiny_dataset), "-o", str(plan), "--device", "cpu", "--max-minutes", "0.5"]) == 0
+    written = json.loads(plan.read_text())
+    fp, model = written["fingerprint"], written["config"]["model"]
+    assert fp["budget_minutes"] == 0.5 and written["config"]["train"]["max_minutes"] == 0.5
+    # half a minute holds far fewer than MIN_STEPS steps: the CPU plan's width 16 was timed and halved
+    assert set(fp["step_seconds_by_width"]) == {"16", "8"} and model["base_width"] == 8
+    assert f"width {model['base_width']}" in capsys.readouterr().out
+    assert run_cli(["plan", str(tiny_dataset), "-o", str(plan)]) == 2  # no silent overwrite
+    # an edited plan is trained as written (no re-planning, no width fitting)
+    written["config"]["model"].update(base_width=4, depth=3)
+    written["config"]["train"].update(patch_size=[16, 16, 16], iters_per_epoch=2, max_epochs=1)
+    plan.write_text(json.dumps(written))
+    run = tmp_path / "run"
+    assert run_cli(["train", str(tiny_dataset), "-o", str(run), "--plan", str(plan), "--device", "cpu", "--quiet"]) == 0
+    used = json.loads((run / "plan.json").read_text())
+    assert used["config"]["model"]["base_width"] == 4 and used["config"]["train"]["patch_size"] == [16, 16, 16]

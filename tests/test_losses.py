@@ -9,7 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from volseg.errors import VolsegError
-from volseg.losses import LOSSES, bce_dice, binary_cross_entropy, cross_entropy, dice_ce, get_loss, soft_dice
+from volseg.losses import (
+    LOSSES,
+    bce_dice,
+    binary_cross_entropy,
+    cross_entropy,
+    deep_supervision_loss,
+    dice_ce,
+    downsample_targets,
+    get_loss,
+    soft_dice,
+)
 
 
 def two_voxels() -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,3 +222,30 @@ def test_dice_term_sees_the_weight_map_as_a_mask(fn):
     dice_mask = fn(logits, target, mask) - ce_part(logits, target, mask)
     dice_scaled = fn(logits, target, scaled) - ce_part(logits, target, scaled)
     assert torch.allclose(dice_mask, dice_scaled, atol=1e-6)
+
+
+def test_downsampled_targets_keep_a_single_labelled_slice():
+    # sparse annotation: one labelled slice (odd index) of foreground; strided picking would lose it
+    target = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    weight = torch.zeros(1, 4, 4, 4)
+    target[0, 1, :2, :2] = 2
+    weight[0, 1] = 1.0
+    y, w = downsample_targets(target, weight, 2, 3)
+    assert y.shape == (1, 2, 2, 2) and y[0, 0, 0, 0] == 2
+    assert torch.all(w[0, 0] == 0.5) and torch.all(w[0, 1] == 0)  # half of each block labelled; none below
+    assert torch.all(y[0, 0][w[0, 0] > 0].flatten()[1:] == 0)
+
+
+def test_deep_supervision_loss_is_the_weighted_sum_over_levels():
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8, 8))
+    weight = (torch.rand(2, 8, 8, 8) > 0.3).float()
+    full, half = torch.randn(2, 3, 8, 8, 8), torch.randn(2, 3, 4, 4, 4)
+    y, w = downsample_targets(target, weight, 2, 3)
+    expected = 0.7 * dice_ce(full, target, weight) + 0.3 * dice_ce(half, y, w)
+    got = deep_supervision_loss(dice_ce, [full, half], target, weight, [1], [0.7, 0.3])
+    assert torch.allclose(got, expected)
+    # a perfect coarse prediction adds (almost) nothing to a perfect full-resolution one
+    perfect = F.one_hot(target, 3).movedim(-1, 1).float() * 50
+    coarse = F.one_hot(y, 3).movedim(-1, 1).float() * 50
+    assert float(deep_supervision_loss(cross_entropy, [perfect, coarse], target, weight, [1], [0.5, 0.5])) < 1e-6

@@ -12,7 +12,17 @@ import torch
 
 from volseg.config import Config, DataConfig, InferConfig, ModelConfig, TrainConfig
 from volseg.errors import VolsegError
-from volseg.memory import activation_bytes, fit_to_memory, make_device_plan, step_bytes, step_bytes_bound
+from volseg.memory import (
+    MIN_STEPS,
+    MIN_WIDTH,
+    activation_bytes,
+    fit_to_memory,
+    fit_width_to_time,
+    make_device_plan,
+    step_bytes,
+    step_bytes_bound,
+    step_seconds,
+)
 from volseg.model import UNet3d, size_divisor
 
 GIB = 2**30
@@ -137,3 +147,54 @@ def test_device_plan_records_the_memory_in_the_fingerprint(tiny_dataset):
     cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, torch.device("cpu"))
     assert fingerprint["device"] == "cpu" and fingerprint["device_memory_gib"] > 0
     assert fingerprint["step_memory_bound_gib"] <= fingerprint["step_memory_budget_gib"]
+
+
+# ---- width fitted to the time budget ----------------------------------------------------------------
+
+def _timer_by_width(seconds_at: dict[int, float]):
+    calls: list[int] = []
+
+    def timer(cfg: Config) -> float:
+        calls.append(cfg.model.base_width)
+        return seconds_at[cfg.model.base_width]
+
+    return timer, calls
+
+
+def test_width_is_halved_until_the_budget_holds_enough_steps():
+    # 60 min x 0.9 = 3240 s: 0.6 s/step leaves 5,400 steps (< MIN_STEPS), 0.3 s leaves 10,800
+    timer, calls = _timer_by_width({32: 1.2, 16: 0.6, 8: 0.3})
+    cfg, info = fit_width_to_time(config(width=32), 60, torch.device("cpu"), timer=timer)
+    assert cfg.model.base_width == 8 and calls == [32, 16, 8]
+    assert info["budget_steps"] == 10800 and info["step_seconds"] == 0.3 and info["min_steps"] == MIN_STEPS
+    assert info["step_seconds_by_width"] == {"32": 1.2, "16": 0.6, "8": 0.3}
+
+
+def test_a_fast_device_or_long_budget_keeps_the_planned_width():
+    timer, calls = _timer_by_width({32: 0.15})
+    cfg, _ = fit_width_to_time(config(width=32), 60, torch.device("cpu"), timer=timer)
+    assert cfg.model.base_width == 32 and calls == [32]
+    timer, calls = _timer_by_width({16: 0.6})
+    cfg, _ = fit_width_to_time(config(width=16), 600, torch.device("cpu"), timer=timer)
+    assert cfg.model.base_width == 16
+
+
+def test_width_never_goes_below_the_floor():
+    timer, calls = _timer_by_width({16: 5.0, 8: 4.0})
+    cfg, info = fit_width_to_time(config(width=16), 1, torch.device("cpu"), timer=timer)
+    assert cfg.model.base_width == MIN_WIDTH == 8 and calls == [16, 8] and info["budget_steps"] == 13
+
+
+def test_ranks_agree_on_the_slowest_measurement():
+    timer, _ = _timer_by_width({16: 0.3, 8: 0.3})  # this rank alone would keep width 16
+    cfg, info = fit_width_to_time(config(width=16), 60, torch.device("cpu"), timer=timer, agree=lambda s: max(s, 0.5))
+    assert cfg.model.base_width == 8 and info["step_seconds"] == 0.5
+
+
+def test_a_real_step_is_timed_and_narrower_is_faster():
+    small = dataclasses.replace(config(width=16, depth=3, patch=(24, 24, 24)), model=ModelConfig(num_classes=3, base_width=16, depth=3))
+    wide = step_seconds(small, torch.device("cpu"))
+    narrow = step_seconds(dataclasses.replace(small, model=dataclasses.replace(small.model, base_width=4)), torch.device("cpu"))
+    assert 0 < narrow < wide < 30
+    ds = dataclasses.replace(small, model=dataclasses.replace(small.model, depth=4, deep_supervision=True))
+    assert step_seconds(ds, torch.device("cpu")) > 0  # the deep-supervision heads take part

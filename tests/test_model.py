@@ -208,3 +208,35 @@ def test_output_bias_starts_at_class_priors() -> None:
     assert torch.allclose(torch.sigmoid(net.head.bias), torch.tensor([0.9, 0.1, 1e-4]), atol=1e-6)
     with pytest.raises(VolsegError, match="2 class frequencies for 3"):
         net.init_output_bias([0.5, 0.5])
+
+
+def test_deep_supervision_adds_coarser_heads_only_when_asked():
+    cfg = tiny(depth=4, base_width=4, num_classes=3, deep_supervision=True)
+    net = UNet3d(cfg)
+    x = torch.randn(2, 1, 16, 24, 16)
+    outs = net(x, deep=True)
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 16, 24, 16), (2, 3, 8, 12, 8)]
+    assert torch.equal(net(x), outs[0])  # prediction reads the full-resolution head only
+    plain = UNet3d(tiny(depth=4, base_width=4, num_classes=3))
+    assert torch.is_tensor(plain(x, deep=True))  # nothing to add without the heads
+    assert set(net.state_dict()) - set(plain.state_dict()) == {"aux_heads.0.weight", "aux_heads.0.bias"}
+    outs[1].sum().backward()
+    assert net.aux_heads[0].weight.grad is not None and net.head.weight.grad is None
+
+
+def test_deep_supervision_levels_and_weights_follow_nnunet():
+    assert vmodel.deep_supervision_levels(tiny(depth=2)) == []
+    assert vmodel.deep_supervision_levels(tiny(depth=6)) == [1, 2, 3]
+    weights = vmodel.deep_supervision_weights(tiny(depth=4))
+    assert weights == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_deep_supervision_needs_same_padding():
+    with pytest.raises(VolsegError, match="deep supervision"):
+        UNet3d(tiny(depth=3, padding="valid", deep_supervision=True))
+
+
+def test_output_bias_prior_reaches_every_head():
+    net = UNet3d(tiny(depth=4, base_width=2, num_classes=3, deep_supervision=True))
+    net.init_output_bias([0.9, 0.05, 0.05])
+    assert torch.allclose(net.aux_heads[0].bias, net.head.bias)

@@ -325,3 +325,41 @@ def test_fp32_training_keeps_the_grad_scaler_off(tiny_dataset, tiny_overrides, t
     short_train(tiny_dataset, tmp_path / "run", tiny_overrides)
     assert len(made) == 1 and not made[0].is_enabled()
     assert steps == [0.0, 0.0]
+
+
+def test_deep_supervision_trains_and_predicts_with_the_main_head(tiny_dataset, tiny_overrides, tmp_path):
+    from volseg.checkpoint import load_model
+
+    tiny_overrides["model"].update(depth=4, deep_supervision=True)
+    tiny_overrides["train"].update(max_epochs=1, iters_per_epoch=3)
+    short_train(tiny_dataset, tmp_path / "run", tiny_overrides)
+    rows = read_metrics(tmp_path / "run")
+    assert np.isfinite(float(rows[0]["train_loss"])) and 0 <= float(rows[0]["val_dice"]) <= 1
+    tensors, cfg, _ = read_model_file(tmp_path / "run" / MODEL_LAST)
+    assert cfg.model.deep_supervision and "aux_heads.0.weight" in tensors
+    net = load_model(tmp_path / "run" / MODEL_LAST, torch.device("cpu"))[0]
+    assert tuple(net(torch.zeros(1, 1, 16, 16, 16)).shape) == (1, 3, 16, 16, 16)
+
+
+def test_unset_width_is_fitted_to_the_budget_and_recorded(tiny_dataset, tiny_overrides, tmp_path, monkeypatch):
+    import volseg.memory as memory
+
+    timed: list[int] = []
+
+    def fake_step_seconds(cfg, device, amp_dtype=None):
+        timed.append(cfg.model.base_width)
+        return 1.0  # 0.9 * 60 s / 1 s = 54 steps: far below MIN_STEPS, so the width halves to the floor
+
+    monkeypatch.setattr(memory, "step_seconds", fake_step_seconds)
+    del tiny_overrides["model"]["base_width"]
+    tiny_overrides["train"].update(max_epochs=1, iters_per_epoch=2)
+    short_train(tiny_dataset, tmp_path / "run", tiny_overrides, max_minutes=1)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert timed[0] > timed[-1] == memory.MIN_WIDTH
+    assert plan["config"]["model"]["base_width"] == memory.MIN_WIDTH
+    assert plan["fingerprint"]["budget_steps"] == 54 and plan["fingerprint"]["min_steps"] == memory.MIN_STEPS
+    # a width chosen by the user is not second-guessed
+    timed.clear()
+    tiny_overrides["model"]["base_width"] = 4
+    short_train(tiny_dataset, tmp_path / "run2", tiny_overrides, max_minutes=1)
+    assert timed == []

@@ -54,6 +54,7 @@ def train(
     base_width: Annotated[Optional[int], typer.Option(help="feature channels at full resolution")] = None,
     depth: Annotated[Optional[int], typer.Option(help="resolution levels of the U-Net")] = None,
     norm: Annotated[Optional[str], typer.Option(help="instance, batch or none")] = None,
+    deep_supervision: Annotated[Optional[bool], typer.Option("--deep-supervision/--no-deep-supervision", help="also train on the loss of coarser decoder levels (default: planned)")] = None,
     normalization: Annotated[Optional[str], typer.Option(help="zscore, zscore_nonzero, ct or none for every channel (default: planned per channel)")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="plan file from `volseg plan` (default: plan now)")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="random rotation, scaling, elastic deformation, intensity changes and mirroring of training patches")] = None,
@@ -74,7 +75,7 @@ def train(
             "augment": augment, "border_w0": border_w0, "border_sigma_mm": border_sigma_mm,
             "class_balance": class_balance,
         },
-        "model": {"base_width": base_width, "depth": depth, "norm": norm},
+        "model": {"base_width": base_width, "depth": depth, "norm": norm, "deep_supervision": deep_supervision},
         # one method for every channel replaces the planned per-channel choice
         "data": {"normalization": normalization, "channel_normalization": () if normalization else None},
     }
@@ -102,17 +103,24 @@ def plan_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="plan JSON to write (edit it, then train --plan)")] = Path("plan.json"),
     device: Annotated[str, typer.Option(help="plan for auto, cpu or cuda")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing plan file")] = False,
+    max_minutes: Annotated[float, typer.Option(help="training budget the width is fitted to (timed on this device)")] = 60.0,
 ) -> None:
-    """Fingerprint a dataset and write an editable training plan (spacing, normalisation, patch, batch)."""
+    """Fingerprint a dataset and write an editable training plan (spacing, normalisation, patch, batch, width)."""
+    from dataclasses import replace
+
     from volseg import io
-    from volseg.inference import resolve_device
-    from volseg.memory import make_device_plan
+    from volseg.inference import autocast_dtype, resolve_device
+    from volseg.memory import fit_width_to_time, make_device_plan
     from volseg.train import data_config_from_dataset
 
     if output.exists() and not overwrite:
         raise VolsegError(output, "output already exists", "pass --overwrite to replace it")
     info, cases = io.read_dataset(dataset)
-    cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, resolve_device(device))
+    dev = resolve_device(device)
+    cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, dev)
+    cfg = replace(cfg, train=replace(cfg.train, max_minutes=max_minutes))
+    cfg, timing = fit_width_to_time(cfg, max_minutes, dev, autocast_dtype(dev))
+    fingerprint = {**fingerprint, **timing}
     from volseg.report import write_json
 
     write_json(output, {"config": json.loads(cfg.to_json()), "fingerprint": fingerprint})

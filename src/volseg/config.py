@@ -62,6 +62,9 @@ class ModelConfig:
     depth: int = 4
     norm: str = "instance"  # "instance" | "batch" | "none"
     padding: str = "same"  # "same" keeps sizes; "valid" is the original 3D U-Net (output smaller)
+    # extra 1x1x1 heads on the coarser decoder levels, trained on downsampled labels (nnU-Net's deep
+    # supervision); prediction reads the full-resolution head only
+    deep_supervision: bool = False
 
 
 @dataclass(frozen=True)

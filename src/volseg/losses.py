@@ -87,6 +87,44 @@ def bce_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
     return soft_dice(logits, target, mask, sigmoid=True) + binary_cross_entropy(logits, target, weight)
 
 
+def downsample_targets(
+    target: torch.Tensor, weight: torch.Tensor | None, factor: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class indices and weights on a grid `factor` times coarser, for a deep-supervision head.
+
+    Each coarse voxel takes the majority class of the labelled fine voxels it covers and their mean
+    weight (labelled or not), so a single annotated slice of a sparse volume still reaches the
+    coarse level (strided picking would drop every other slice) and an unlabelled block stays at
+    weight 0.
+
+    >>> t = torch.tensor([[[[1, 1], [2, 0]], [[2, 2], [0, 0]]]])
+    >>> w = torch.tensor([[[[1., 1.], [1., 0.]], [[1., 1.], [0., 0.]]]])
+    >>> y, v = downsample_targets(t, w, 2, 3)
+    >>> y.flatten().tolist(), v.flatten().tolist()
+    ([2], [0.625])
+    """
+    w = _weights(target, weight)
+    labelled = (w > 0).unsqueeze(1).float()
+    votes = F.avg_pool3d(F.one_hot(target.long(), num_classes).movedim(-1, 1).float() * labelled, factor)
+    return votes.argmax(1), F.avg_pool3d(w.unsqueeze(1), factor).squeeze(1)
+
+
+def deep_supervision_loss(
+    loss_fn: LossFn, outputs: list[torch.Tensor], target: torch.Tensor, weight: torch.Tensor | None,
+    levels: list[int], level_weights: list[float],
+) -> torch.Tensor:
+    """Weighted sum of `loss_fn` on the full-resolution logits and on each coarser level's logits.
+
+    `levels[i]` is the pooling level of `outputs[i + 1]` (level l is 2**l times coarser).
+    """
+    total = level_weights[0] * loss_fn(outputs[0].float(), target, weight)
+    num_classes = outputs[0].shape[1]
+    for logits, level, lw in zip(outputs[1:], levels, level_weights[1:]):
+        y, w = downsample_targets(target, weight, 2**level, num_classes)
+        total = total + lw * loss_fn(logits.float(), y, w)
+    return total
+
+
 LOSSES: dict[str, LossFn] = {
     "dice_ce": dice_ce, "ce": cross_entropy, "dice": soft_dice, "bce": binary_cross_entropy, "bce_dice": bce_dice,
 }

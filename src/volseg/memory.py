@@ -6,14 +6,20 @@ one. Here the network is run once on PyTorch's meta device (shapes only: no memo
 arithmetic) and every tensor autograd keeps for the backward pass is counted. That count grows
 linearly with the batch, so the plan can drop the batch, then shrink the patch, until a step fits
 a share of the device's memory. Small plans skip the count: a cheap bound already shows they fit.
+
+Speed is fitted the same way, by measurement: a network too wide for the time budget gets too few
+steps to converge, so the planned width is halved (down to `MIN_WIDTH`) until a timed training step
+on the device leaves at least `MIN_STEPS` steps in the budget (`fit_width_to_time`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +27,8 @@ import torch
 from volseg import io
 from volseg.config import Config, DataConfig, ModelConfig
 from volseg.errors import VolsegError
-from volseg.model import UNet3d, level_widths, size_divisor, valid_input_size
+from volseg.losses import deep_supervision_loss, get_loss
+from volseg.model import UNet3d, center_crop, deep_supervision_weights, level_widths, size_divisor, valid_input_size
 from volseg.planning import make_plan
 
 # Share of the device's memory a training step may plan for. On a CPU the real peak of a step was
@@ -68,15 +75,20 @@ def activation_bytes(model_cfg: ModelConfig, patch: Sequence[int], batch: int) -
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(x)
+        outs = net(x, deep=True) if net.aux_levels else [net(x)]
     # the loss keeps about five logits-sized tensors for its backward (Dice + CE; CE alone three)
-    return sum(saved.values()) + 5 * out.numel() * out.element_size()
+    return sum(saved.values()) + sum(5 * out.numel() * out.element_size() for out in outs)
 
 
 def step_bytes(model_cfg: ModelConfig, patch: Sequence[int], batch: int) -> int:
     """Peak bytes of one SGD training step: activations plus weights, gradients and momentum."""
-    n_params = sum(p.numel() for p in _meta_unet(model_cfg).parameters())
-    return activation_bytes(model_cfg, patch, batch) + 3 * 4 * n_params
+    return activation_bytes(model_cfg, patch, batch) + 3 * 4 * _parameter_count(model_cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _parameter_count(model_cfg: ModelConfig) -> int:
+    """Weights of a network shape; cached, since `fit_to_memory` asks for one shape many times."""
+    return sum(p.numel() for p in _meta_unet(model_cfg).parameters())
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
@@ -145,3 +157,73 @@ def make_device_plan(data: DataConfig, cases: Sequence[io.Case], device: torch.d
     cfg, fingerprint = make_plan(data, cases, device.type)
     cfg, info = fit_to_memory(cfg, device_memory_bytes(device), device.type)
     return cfg, {**fingerprint, **info}
+
+
+# Training steps a time budget must leave for the planned width to stay. Measured on MSD Hippocampus
+# with 60 CPU minutes (2 cores): width 16 got about 4,800 steps and a held-out Dice of 0.859-0.866
+# in four runs; width 8 got about 9,700 steps and 0.872-0.876 in two. Long budgets and GPUs keep the
+# planned width; a 2-core CPU hour is where halving it starts to pay.
+MIN_STEPS = 8000
+MIN_WIDTH = 8
+_BUDGET_SHARE = 0.9  # of the budget left for steps; validation and preprocessing take the rest
+
+
+def step_seconds(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
+    """Wall time of one training step (forward, loss, backward, SGD) of the plan on `device`, with
+    random data, timed after a warm-up step (kernel choice, `fastconv`'s per-shape measurement)."""
+    model_cfg, tc = cfg.model, cfg.train
+    gen = torch.Generator().manual_seed(0)
+    net = UNet3d(model_cfg).to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+    loss_fn = get_loss(tc.loss)
+    weights = deep_supervision_weights(model_cfg)
+    x = torch.randn((tc.batch_size, model_cfg.in_channels, *tc.patch_size), generator=gen).to(device)
+    y = torch.randint(0, model_cfg.num_classes, (tc.batch_size, *tc.patch_size), generator=gen).to(device)
+    w = torch.ones(y.shape, device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = net(x, deep=True) if net.aux_levels else net(x)
+        if net.aux_levels:
+            loss = deep_supervision_loss(loss_fn, out, y, w, net.aux_levels, weights)
+        else:
+            size = tuple(out.shape[2:])
+            loss = loss_fn(out.float(), center_crop(y, size), center_crop(w, size))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()
+    t = time.perf_counter()
+    step()
+    return time.perf_counter() - t
+
+
+def fit_width_to_time(
+    cfg: Config, minutes: float, device: torch.device, amp_dtype: torch.dtype | None = None,
+    agree: Callable[[float], float] | None = None, timer: Callable[[Config], float] | None = None,
+) -> tuple[Config, dict[str, float]]:
+    """Halve the base width (not below `MIN_WIDTH`) until the budget holds `MIN_STEPS` timed steps.
+
+    `agree` combines a measurement across processes (torchrun: the slowest rank's), so every rank
+    picks the same width; `timer` replaces the step measurement (tests). Returns the config and
+    what was measured, for the plan's fingerprint.
+    """
+    timer = timer or (lambda c: step_seconds(c, device, amp_dtype))
+    budget_s = _BUDGET_SHARE * minutes * 60
+    timed: dict[str, float] = {}
+    while True:
+        seconds = timer(cfg)
+        if agree is not None:
+            seconds = agree(seconds)
+        timed[str(cfg.model.base_width)] = round(seconds, 4)
+        steps = budget_s / max(seconds, 1e-9)
+        narrower = cfg.model.base_width // 2
+        if steps >= MIN_STEPS or narrower < MIN_WIDTH:
+            break
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_width=narrower))
+    return cfg, {"step_seconds": round(seconds, 4), "step_seconds_by_width": timed, "budget_steps": int(steps),
+                 "min_steps": MIN_STEPS, "budget_minutes": minutes}
+

@@ -2,12 +2,14 @@
 
 Analysis path: per level two 3x3x3 convolutions, each followed by optional normalisation and ReLU,
 then 2x2x2 max-pooling. Synthesis path: 2x2x2 transposed convolution, concatenation with the skip
-connection, two 3x3x3 convolutions. A 1x1x1 convolution gives one logit per class.
+connection, two 3x3x3 convolutions. A 1x1x1 convolution gives one logit per class. With deep
+supervision, more 1x1x1 heads give logits at coarser decoder levels during training.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,6 +91,10 @@ class UNet3d(nn.Module):
             self.ups.append(nn.ConvTranspose3d(widths[level + 1], widths[level], 2, stride=2))
             self.decoders.append(_DoubleConv(2 * widths[level], widths[level], cfg.norm, pad))
         self.head = nn.Conv3d(widths[0], cfg.num_classes, 1)
+        if cfg.deep_supervision and cfg.padding != "same":
+            raise VolsegError(None, "deep supervision needs padding 'same'", "turn one of them off")
+        self.aux_levels = deep_supervision_levels(cfg) if cfg.deep_supervision else []
+        self.aux_heads = nn.ModuleList(nn.Conv3d(widths[level], cfg.num_classes, 1) for level in self.aux_levels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -112,9 +118,12 @@ class UNet3d(nn.Module):
             raise VolsegError(None, f"{p.numel()} class frequencies for {self.cfg.num_classes} output classes")
         bias = p.log() - torch.log1p(-p) if sigmoid else (p / p.sum()).log()
         with torch.no_grad():
-            self.head.bias.copy_(bias.to(self.head.bias.dtype))
+            for head in [self.head, *self.aux_heads]:
+                head.bias.copy_(bias.to(head.bias.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, deep: bool = False) -> Any:
+        """Logits at full resolution; with `deep` (and deep supervision built in) a list of them
+        followed by the coarser levels' logits, in the order of `deep_supervision_levels`."""
         if self.cfg.padding == "same":
             div = size_divisor(self.cfg)
             if any(s % div for s in x.shape[2:]):
@@ -128,13 +137,41 @@ class UNet3d(nn.Module):
             if level < len(self.encoders) - 1:
                 skips.append(x)
                 x = self.pool(x)
-        for up, dec in zip(self.ups, self.decoders):
+        aux: dict[int, torch.Tensor] = {}
+        for i, (up, dec) in enumerate(zip(self.ups, self.decoders)):
             x = up(x)
             skip = skips.pop()
             if skip.shape[2:] != x.shape[2:]:
                 skip = center_crop(skip, tuple(x.shape[2:]))
             x = dec(torch.cat([skip, x], dim=1))
-        return self.head(x)
+            level = self.cfg.depth - 2 - i
+            if deep and level in self.aux_levels:
+                aux[level] = self.aux_heads[self.aux_levels.index(level)](x)
+        out = self.head(x)
+        if deep and self.aux_levels:
+            return [out, *(aux[level] for level in self.aux_levels)]
+        return out
+
+
+def deep_supervision_levels(cfg: ModelConfig) -> list[int]:
+    """Decoder levels (1 = half resolution) that get an auxiliary head, finest first.
+
+    nnU-Net's choice: every decoder level but the coarsest, whose loss weight it sets to zero.
+
+    >>> deep_supervision_levels(ModelConfig(depth=4)), deep_supervision_levels(ModelConfig(depth=3))
+    ([1], [])
+    """
+    return list(range(1, cfg.depth - 2))
+
+
+def deep_supervision_weights(cfg: ModelConfig) -> list[float]:
+    """Loss weights of the full-resolution output and the auxiliary ones: halving per level, summing to 1.
+
+    >>> [round(w, 3) for w in deep_supervision_weights(ModelConfig(depth=5))]
+    [0.571, 0.286, 0.143]
+    """
+    raw = [0.5**level for level in [0, *deep_supervision_levels(cfg)]]
+    return [w / sum(raw) for w in raw]
 
 
 def size_divisor(cfg: ModelConfig) -> int:

@@ -34,9 +34,9 @@ from volseg.inference import (
     sliding_window,
     window_options,
 )
-from volseg.losses import SIGMOID_LOSSES, get_loss
-from volseg.model import UNet3d, center_crop
-from volseg.memory import make_device_plan
+from volseg.losses import SIGMOID_LOSSES, deep_supervision_loss, get_loss
+from volseg.model import UNet3d, center_crop, deep_supervision_weights
+from volseg.memory import fit_width_to_time, make_device_plan
 from volseg.preprocessing import encode_labels
 
 METRICS_CSV = "metrics.csv"
@@ -335,6 +335,11 @@ def _train(
         cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, dev)
     if not resume:
         cfg = _apply_overrides(cfg, overrides or {}, seed, max_minutes)
+        if plan is None and (overrides or {}).get("model", {}).get("base_width") is None:
+            # the width the budget can afford, timed with the final patch and batch on this device
+            cfg, timing = fit_width_to_time(cfg, cfg.train.max_minutes, dev, autocast_dtype(dev),
+                                            agree=lambda s: float(dist.max_([s])[0]) if dist.enabled else s)
+            fingerprint = {**(fingerprint or {}), **timing}
         if cfg.model.in_channels != len(info.channel_names) or cfg.data.class_values != data_config_from_dataset(info).class_values:
             raise VolsegError(plan or dataset, "plan does not match the dataset's channels or labels")
         if dist.main:
@@ -380,6 +385,8 @@ def _train(
         model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay
     )
     loss_fn = get_loss(tc.loss)
+    deep_levels = net.aux_levels  # empty without deep supervision
+    deep_weights = deep_supervision_weights(cfg.model)
     history: list[dict[str, Any]] = []
     epoch, spent_s, best, stale, best_loss = 0, 0.0, -math.inf, 0, math.inf
     iters = tc.iters_per_epoch
@@ -436,10 +443,13 @@ def _train(
                 if len(batch) == 4:  # regions cut on the CPU, resampled here on the GPU
                     x, y, w = finish_augment(x, y, w, batch[3], tc.patch_size, cfg.model.num_classes)
                 with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(x)
-                if cfg.model.padding == "valid":
-                    y, w = center_crop(y, tuple(logits.shape[2:])), center_crop(w, tuple(logits.shape[2:]))
-                loss = loss_fn(logits.float(), y, w)
+                    logits = model(x, deep=True) if deep_levels else model(x)
+                if deep_levels:
+                    loss = deep_supervision_loss(loss_fn, logits, y, w, deep_levels, deep_weights)
+                else:
+                    if cfg.model.padding == "valid":
+                        y, w = center_crop(y, tuple(logits.shape[2:])), center_crop(w, tuple(logits.shape[2:]))
+                    loss = loss_fn(logits.float(), y, w)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
