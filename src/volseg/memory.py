@@ -27,7 +27,7 @@ import torch
 from volseg import io
 from volseg.config import Config, DataConfig, ModelConfig
 from volseg.errors import VolsegError
-from volseg.losses import deep_supervision_loss, get_loss
+from volseg.losses import LossFn, deep_supervision_loss, get_loss
 from volseg.model import UNet3d, center_crop, deep_supervision_weights, level_widths, size_divisor, valid_input_size
 from volseg.planning import make_plan
 
@@ -168,6 +168,24 @@ MIN_WIDTH = 8
 _BUDGET_SHARE = 0.9  # of the budget left for steps; validation and preprocessing take the rest
 
 
+def batch_loss(
+    model: torch.nn.Module, net: UNet3d, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, loss_fn: LossFn,
+    amp_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """The training loss of one batch, as `volseg.train` and the step timing here both compute it.
+
+    `model` is what runs the forward pass (`net` itself, or its DistributedDataParallel wrapper);
+    `net` says whether deep supervision adds coarser outputs. Valid padding shrinks the output, so
+    labels and weights are cropped to it.
+    """
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = model(x, deep=True) if net.aux_levels else model(x)
+    if net.aux_levels:
+        return deep_supervision_loss(loss_fn, out, y, w, net.aux_levels, deep_supervision_weights(net.cfg))
+    size = tuple(out.shape[2:])
+    return loss_fn(out.float(), center_crop(y, size), center_crop(w, size))
+
+
 def step_seconds(cfg: Config, device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
     """Wall time of one training step (forward, loss, backward, SGD) of the plan on `device`, with
     random data, timed after a warm-up step (kernel choice, `fastconv`'s per-shape measurement)."""
@@ -176,19 +194,12 @@ def step_seconds(cfg: Config, device: torch.device, amp_dtype: torch.dtype | Non
     net = UNet3d(model_cfg).to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
     loss_fn = get_loss(tc.loss)
-    weights = deep_supervision_weights(model_cfg)
     x = torch.randn((tc.batch_size, model_cfg.in_channels, *tc.patch_size), generator=gen).to(device)
     y = torch.randint(0, model_cfg.num_classes, (tc.batch_size, *tc.patch_size), generator=gen).to(device)
     w = torch.ones(y.shape, device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = net(x, deep=True) if net.aux_levels else net(x)
-        if net.aux_levels:
-            loss = deep_supervision_loss(loss_fn, out, y, w, net.aux_levels, weights)
-        else:
-            size = tuple(out.shape[2:])
-            loss = loss_fn(out.float(), center_crop(y, size), center_crop(w, size))
+        loss = batch_loss(net, net, x, y, w, loss_fn, amp_dtype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

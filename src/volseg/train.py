@@ -34,9 +34,9 @@ from volseg.inference import (
     sliding_window,
     window_options,
 )
-from volseg.losses import SIGMOID_LOSSES, deep_supervision_loss, get_loss
-from volseg.model import UNet3d, center_crop, deep_supervision_weights
-from volseg.memory import fit_width_to_time, make_device_plan
+from volseg.losses import SIGMOID_LOSSES, get_loss
+from volseg.model import UNet3d
+from volseg.memory import batch_loss, fit_width_to_time, make_device_plan
 from volseg.preprocessing import encode_labels
 
 METRICS_CSV = "metrics.csv"
@@ -385,8 +385,6 @@ def _train(
         model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay
     )
     loss_fn = get_loss(tc.loss)
-    deep_levels = net.aux_levels  # empty without deep supervision
-    deep_weights = deep_supervision_weights(cfg.model)
     history: list[dict[str, Any]] = []
     epoch, spent_s, best, stale, best_loss = 0, 0.0, -math.inf, 0, math.inf
     iters = tc.iters_per_epoch
@@ -442,14 +440,7 @@ def _train(
                 x, y, w = (t.to(dev, non_blocking=True) for t in batch[:3])
                 if len(batch) == 4:  # regions cut on the CPU, resampled here on the GPU
                     x, y, w = finish_augment(x, y, w, batch[3], tc.patch_size, cfg.model.num_classes)
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(x, deep=True) if deep_levels else model(x)
-                if deep_levels:
-                    loss = deep_supervision_loss(loss_fn, logits, y, w, deep_levels, deep_weights)
-                else:
-                    if cfg.model.padding == "valid":
-                        y, w = center_crop(y, tuple(logits.shape[2:])), center_crop(w, tuple(logits.shape[2:]))
-                    loss = loss_fn(logits.float(), y, w)
+                loss = batch_loss(model, net, x, y, w, loss_fn, amp_dtype)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
