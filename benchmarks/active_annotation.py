@@ -15,7 +15,7 @@ With --budget N a round adds N slices over the whole training set instead of --a
 most --add per case): the suggested arm keeps the N most uncertain slices over all cases
 (`suggest-slices --budget`), the even arm gives the next evenly spaced slice to N cases, round
 robin with the least-labelled cases first (`volseg.suggest.even_over_cases`), the random arm draws
-N unlabelled slices from all cases. A budget smaller than the number of cases gives fractional
+N unlabelled slices from all cases (`volseg.suggest.random_over_cases`). A budget smaller than the number of cases gives fractional
 steps (e.g. 1.25 slices per case), fine enough to see how many slices each arm needs.
 
 Every model (round 0 is shared by all arms) trains with `volseg train` for the same fixed budget
@@ -58,6 +58,7 @@ from volseg.suggest import (  # noqa: E402
     even_over_cases,
     labelled_slices,
     next_even_slices,
+    random_over_cases,
     random_unlabelled_slices,
     read_suggestions_csv,
 )
@@ -137,12 +138,7 @@ def choose(arm: str, dataset: Path, prev_run: Path, step: Path, round_: int, arg
     elif args.budget is not None and arm == "even":  # one seeded case order for every round: a round robin
         rows = even_over_cases(labelled_masks(dataset), args.budget, np.random.default_rng(args.seed), axes)
     elif args.budget is not None:
-        masks = labelled_masks(dataset)
-        free = [(case, a, int(i)) for case, m in sorted(masks.items()) for a in axes
-                for i in np.flatnonzero(~labelled_slices(m, a))]  # fmt: skip
-        rng = np.random.default_rng([args.seed, round_])
-        picks = rng.choice(len(free), min(args.budget, len(free)), replace=False)
-        rows = [{"case": free[p][0], "axis": free[p][1], "index": free[p][2]} for p in sorted(picks)]
+        rows = random_over_cases(labelled_masks(dataset), args.budget, np.random.default_rng([args.seed, round_]), axes)
     else:
         rows = []
         for i, (case, mask) in enumerate(sorted(labelled_masks(dataset).items())):

@@ -22,10 +22,12 @@ def test_doctests():
 @pytest.mark.parametrize(
     ("shape", "spacing", "max_voxels", "expected"),
     [
-        ((35, 50, 36), (1, 1, 1), 80**3, ((40, 56, 40), 4)),  # fits: rounded up to multiples of 8
+        ((35, 50, 36), (1, 1, 1), 80**3, ((32, 48, 32), 4)),  # fits: nearest multiples of 8, halves down
+        ((37, 53, 45), (1, 1, 1), 80**3, ((40, 56, 48), 4)),  # more than half a divisor over: up
         ((64, 64, 64), (1, 1, 1), 80**3, ((64, 64, 64), 5)),  # 64 / 16 = 4 voxels at the bottleneck
         ((8, 128, 128), (1, 1, 1), 80**3, ((8, 128, 128), 2)),  # thin: only one pooling keeps 4 voxels
-        ((3, 64, 64), (1, 1, 1), 80**3, ((4, 64, 64), 2)),  # depth never below 2; 3 rounds up to 4
+        ((3, 64, 64), (1, 1, 1), 80**3, ((2, 64, 64), 2)),  # depth never below 2; 3 is 1.5 divisors: down
+        ((1, 64, 64), (1, 1, 1), 80**3, ((2, 64, 64), 2)),  # never below one divisor
         ((20, 30, 12), (1, 1, 1), 80**3, ((20, 30, 12), 2)),  # depth 3 would leave 12 / 4 = 3 < 4 voxels
     ],
 )

@@ -22,6 +22,7 @@ from volseg.suggest import (
     labelled_slices,
     mirror_predictions,
     next_even_slices,
+    random_over_cases,
     random_unlabelled_slices,
     rank_slices,
     read_suggestions_csv,
@@ -187,6 +188,23 @@ def test_even_baseline_over_cases_is_a_round_robin() -> None:
     # a budget larger than the free slices stops when every slice is labelled
     tiny = {"x": np.zeros((3, 2, 2), bool)}
     assert len(even_over_cases(tiny, 10, np.random.default_rng(0), axes=(0,))) == 3
+
+
+def test_random_baseline_over_cases_draws_only_free_slices() -> None:
+    big, small = np.zeros((30, 4, 4), bool), np.zeros((6, 4, 4), bool)
+    big[10], small[2] = True, True
+    masks = {"big": big, "small": small}
+    rows = random_over_cases(masks, 12, np.random.default_rng(3), axes=(0,))
+    assert len(rows) == 12 and len({(r["case"], r["index"]) for r in rows}) == 12  # no slice twice
+    assert all(not masks[r["case"]][r["index"]].any() for r in rows)  # never a labelled slice
+    assert rows == random_over_cases(masks, 12, np.random.default_rng(3), axes=(0,))  # seeded
+    # uniform over slices, not over cases: the 29 free slices of "big" draw most of 2,000 budgets
+    counts = [sum(r["case"] == "big" for r in random_over_cases(masks, 1, np.random.default_rng(k), axes=(0,)))
+              for k in range(2000)]  # fmt: skip
+    assert 0.80 < np.mean(counts) < 0.92  # 29 / 34 = 0.85
+    assert len(random_over_cases(masks, 100, np.random.default_rng(0), axes=(0,))) == 29 + 5  # capped
+    with pytest.raises(VolsegError, match="at least 1"):
+        random_over_cases(masks, 0, np.random.default_rng(0))
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,28 @@ from volseg import io
 from volseg.config import Config, DataConfig, InferConfig, ModelConfig, TrainConfig
 from volseg.preprocessing import resampled_shape
 
-# Voxels per batch the device digests at a useful pace: 2 x 64^3 is nnU-Net's minimum on a GPU;
-# a 2-core CPU gets less so that an epoch stays in minutes.
-_BATCH_VOXELS = {"cpu": 2 * 48**3, "cuda": 2 * 128**3}
+# Voxels per batch the device digests at a useful pace: 2 x 64^3 is nnU-Net's minimum on a GPU.
+# A CPU gains nothing from batching (its step time grows in proportion to the voxels), so on a time
+# budget a larger batch only trades away steps: the CPU keeps nnU-Net's minimum of 2 patches unless
+# the patches are tiny.
+_BATCH_VOXELS = {"cpu": 48**3, "cuda": 2 * 128**3}
 _MAX_PATCH_VOXELS = {"cpu": 80**3, "cuda": 160**3}
 
 
 def plan_patch(median_shape: Sequence[int], spacing: Sequence[float], max_voxels: int, max_depth: int = 5) -> tuple[tuple[int, int, int], int]:
     """Patch size (multiple of the pooling divisor) and U-Net depth for a median case shape.
 
-    Shrinks the patch along its physically longest axis until it fits `max_voxels`.
+    Shrinks the patch along its physically longest axis until it fits `max_voxels`, then rounds
+    each axis to the *nearest* multiple of the pooling divisor (halves go down), never below one
+    divisor. Rounding up would pad every patch beyond the typical case: on MSD Hippocampus
+    (median 35x50x36) 40x56x40 has 82% more voxels than 32x48x32 and costs more per step, for no
+    better Dice in a 60-minute CPU budget (one run each: 0.874 against 0.875 held-out, 0.878
+    against 0.880 with mirroring).
 
     >>> plan_patch((35, 50, 36), (1, 1, 1), 80**3)
-    ((40, 56, 40), 4)
+    ((32, 48, 32), 4)
+    >>> plan_patch((37, 50, 36), (1, 1, 1), 80**3)
+    ((40, 48, 32), 4)
     """
     floor = 8
     patch = [max(int(s), 1) for s in median_shape]
@@ -44,7 +53,7 @@ def plan_patch(median_shape: Sequence[int], spacing: Sequence[float], max_voxels
     while depth > 2 and min(patch) / 2 ** (depth - 1) < 4:
         depth -= 1
     div = 2 ** (depth - 1)
-    rounded = [int(np.ceil(p / div) * div) for p in patch]
+    rounded = [max(div, int(np.ceil(p / div - 0.5)) * div) for p in patch]
     if np.prod(rounded) > max_voxels:
         # rounding up would undo the budget: round down instead, never below one divisor
         rounded = [max(div, p // div * div) for p in patch]

@@ -319,6 +319,27 @@ def even_over_cases(
     return rows
 
 
+def random_over_cases(
+    masks: Mapping[str, np.ndarray], budget: int, rng: np.random.Generator, axes: Sequence[int] = (0, 1, 2)
+) -> list[dict[str, Any]]:
+    """The random baseline for a dataset-wide budget: `budget` slices drawn uniformly from the
+    unlabelled slices of all cases together (so larger cases get more). Rows {case, axis, index}
+    in case, axis and index order.
+
+    >>> m = np.zeros((4, 2, 2), bool); m[1] = True
+    >>> rows = random_over_cases({"a": m, "b": m}, 10, np.random.default_rng(0), axes=(0,))
+    >>> [(r["case"], r["index"]) for r in rows]
+    [('a', 0), ('a', 2), ('a', 3), ('b', 0), ('b', 2), ('b', 3)]
+    """
+    if budget < 1:
+        raise VolsegError(None, f"the budget must be at least 1 slice, got {budget}")
+    axes = _check_axes(axes)
+    free = [(name, a, int(i)) for name in sorted(masks) for a in axes
+            for i in np.flatnonzero(~labelled_slices(np.asarray(masks[name], dtype=bool), a))]  # fmt: skip
+    picks = sorted(int(p) for p in rng.choice(len(free), size=min(budget, len(free)), replace=False))
+    return [{"case": free[p][0], "axis": free[p][1], "index": free[p][2]} for p in picks]
+
+
 # --------------------------------------------------------------------------------------------------
 # datasets and models
 
