@@ -161,7 +161,8 @@ def make_device_plan(data: DataConfig, cases: Sequence[io.Case], device: torch.d
 
 # Training steps a time budget must leave for the planned width to stay. Measured on MSD Hippocampus
 # with 60 CPU minutes (2 cores): width 16 got about 4,800 steps and a held-out Dice of 0.859-0.866
-# in four runs; width 8 got about 9,700 steps and 0.872-0.876 in two. Long budgets and GPUs keep the
+# in four runs; width 8 got about 9,700 steps and 0.872-0.876 in three. With the 32x48x32 patch
+# width 16 gets about 12,700 steps, is kept, and scored 0.881 in one run. Long budgets and GPUs keep the
 # planned width; a 2-core CPU hour is where halving it starts to pay.
 MIN_STEPS = 8000
 MIN_WIDTH = 8
