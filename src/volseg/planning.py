@@ -55,7 +55,7 @@ def plan_patch(median_shape: Sequence[int], spacing: Sequence[float], max_voxels
     div = 2 ** (depth - 1)
     rounded = [max(div, int(np.ceil(p / div - 0.5)) * div) for p in patch]
     if np.prod(rounded) > max_voxels:
-        # rounding up would undo the budget: round down instead, never below one divisor
+        # rounding to the nearest multiple went over the budget: round down instead, never below one divisor
         rounded = [max(div, p // div * div) for p in patch]
     patch = rounded
     return (patch[0], patch[1], patch[2]), depth

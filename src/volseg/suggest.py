@@ -242,6 +242,12 @@ def next_even_slices(labelled_mask: np.ndarray, n: int, axes: Sequence[int] = (0
     return chosen
 
 
+def _free_slices(labelled_mask: np.ndarray, axes: Sequence[int]) -> list[tuple[int, int]]:
+    """(axis, index) of every slice without a labelled voxel, in axis then index order."""
+    mask = np.asarray(labelled_mask, dtype=bool)
+    return [(a, int(i)) for a in axes for i in np.flatnonzero(~labelled_slices(mask, a))]
+
+
 def random_unlabelled_slices(
     labelled_mask: np.ndarray, n: int, rng: np.random.Generator, axes: Sequence[int] = (0, 1, 2)
 ) -> list[tuple[int, int]]:
@@ -252,8 +258,7 @@ def random_unlabelled_slices(
     >>> sorted(picks)
     [(2, 0), (2, 1), (2, 3), (2, 4)]
     """
-    mask = np.asarray(labelled_mask, dtype=bool)
-    free = [(a, int(i)) for a in _check_axes(axes) for i in np.flatnonzero(~labelled_slices(mask, a))]
+    free = _free_slices(labelled_mask, _check_axes(axes))
     picks = rng.choice(len(free), size=min(n, len(free)), replace=False)
     return [free[int(p)] for p in picks]
 
@@ -334,8 +339,7 @@ def random_over_cases(
     if budget < 1:
         raise VolsegError(None, f"the budget must be at least 1 slice, got {budget}")
     axes = _check_axes(axes)
-    free = [(name, a, int(i)) for name in sorted(masks) for a in axes
-            for i in np.flatnonzero(~labelled_slices(np.asarray(masks[name], dtype=bool), a))]  # fmt: skip
+    free = [(name, a, i) for name in sorted(masks) for a, i in _free_slices(masks[name], axes)]
     picks = sorted(int(p) for p in rng.choice(len(free), size=min(budget, len(free)), replace=False))
     return [{"case": free[p][0], "axis": free[p][1], "index": free[p][2]} for p in picks]
 
