@@ -63,3 +63,21 @@ def test_process_group_backend_per_device(monkeypatch, device, backend, expected
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
     assert Dist().start(torch.device(device)) == expected
     assert seen == [backend]
+
+
+def test_wait_released_waits_for_other_holders():
+    """`Dist.stop` must not tear down while a gloo worker still holds a collective's tensor."""
+    import threading
+
+    from volseg.train import _wait_released
+
+    t = torch.zeros(2, dtype=torch.float64)
+    weight = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    holder = [t * weight]  # autograd saves `t`: a C++ reference, as a finished gloo work keeps one
+    assert t._use_count() > 1
+    assert _wait_released([t], timeout_s=0.05) is False
+    release = threading.Timer(0.05, holder.clear)
+    release.start()
+    assert _wait_released([t], timeout_s=10.0) is True
+    assert t._use_count() == torch.zeros(1)._use_count()
+    release.join()

@@ -46,6 +46,16 @@ SPLIT_JSON = "split.json"
 EpochCallback = Callable[[Path, dict[str, Any]], None]
 
 
+# The tensors handed to gloo collectives, one per length, kept for the whole process. gloo's
+# worker thread drops its references to a finished collective a moment after the caller has the
+# result, and dropping a reference to a tensor Python also holds takes the GIL. DDP keeps the
+# process group and so those threads alive past destroy_process_group; if one is still that moment
+# behind when the interpreter shuts down, it dies inside a C++ destructor and the finished run
+# aborts (SIGABRT, "terminate called without an active exception"; seen in about 1 torchrun job in
+# 15 on a loaded 2-core CPU). `Dist.stop` waits for those references to go first.
+_REDUCE_BUFFERS: dict[int, torch.Tensor] = {}
+
+
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 without torchrun) and the few collectives used.
 
@@ -87,9 +97,11 @@ class Dist:
             return values
         import torch.distributed as dist
 
-        t = torch.as_tensor(np.asarray(values, dtype=np.float64))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return t.numpy()
+        values = np.asarray(values, dtype=np.float64)
+        buf = _REDUCE_BUFFERS.setdefault(values.size, torch.zeros(values.size, dtype=torch.float64))
+        buf.copy_(torch.from_numpy(values))
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return buf.numpy().copy()
 
     def max_(self, values: Any) -> np.ndarray:
         return self._reduce(np.atleast_1d(np.asarray(values, dtype=np.float64)), "max")
@@ -108,7 +120,22 @@ class Dist:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                _wait_released(list(_REDUCE_BUFFERS.values()))
                 dist.destroy_process_group()
+
+
+def _wait_released(tensors: list[torch.Tensor], timeout_s: float = 10.0) -> bool:
+    """Wait (GIL released) until only Python holds `tensors`; False if a worker kept one past the timeout."""
+    if not hasattr(torch.Tensor, "_use_count"):
+        return True
+    deadline = time.monotonic() + timeout_s
+    alone = torch.zeros(1)._use_count()  # what a tensor held only by Python counts in this torch
+    for t in tensors:
+        while t._use_count() > alone:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+    return True
 
 
 def tune_allocator() -> bool:
