@@ -16,11 +16,14 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOLSEG = [sys.executable, "-m", "volseg"]
 
 
-def split_dataset(data: Path, out: Path, test_fraction: float, seed: int) -> tuple[Path, Path, Path, int, int]:
+def split_dataset(data: Path, out: Path, test_fraction: float, seed: int,
+                  train_cases: int | None = None) -> tuple[Path, Path, Path, int, int]:
     """Symlink a training dataset and a held-out test set (images + labels) into `out`.
 
     The split is by case, from a seeded permutation of the sorted case ids, so every benchmark
-    with the same seed holds out the same cases. Files are linked, never copied.
+    with the same seed holds out the same cases. With `train_cases` only the next that many cases
+    of the permutation are trained on (a small-data regime with the same held-out set). Files are
+    linked, never copied.
     """
     info = json.loads((data / "dataset.json").read_text())
     ending = info.get("file_ending", ".nii.gz")
@@ -29,18 +32,22 @@ def split_dataset(data: Path, out: Path, test_fraction: float, seed: int) -> tup
     perm = np.random.default_rng(seed).permutation(len(ids))
     n_test = round(test_fraction * len(ids))
     test = {ids[i] for i in perm[:n_test]}
+    pool = perm[n_test:] if train_cases is None else perm[n_test : n_test + train_cases]
+    train = {ids[i] for i in pool}
     train_ds, test_img, test_lbl = out / "train_dataset", out / "test_images", out / "test_labels"
     for d in (train_ds / "imagesTr", train_ds / "labelsTr", test_img, test_lbl):
         d.mkdir(parents=True, exist_ok=True)
     for image in sorted((data / "imagesTr").glob(f"*{ending}")):
         case = image.name[: -len(ending)].rsplit("_", 1)[0]
-        (test_img if case in test else train_ds / "imagesTr").joinpath(image.name).symlink_to(image.resolve())
+        if case in test or case in train:
+            (test_img if case in test else train_ds / "imagesTr").joinpath(image.name).symlink_to(image.resolve())
     for label in labels:
         case = label.name[: -len(ending)]
-        (test_lbl if case in test else train_ds / "labelsTr").joinpath(label.name).symlink_to(label.resolve())
-    info["numTraining"] = len(ids) - n_test
+        if case in test or case in train:
+            (test_lbl if case in test else train_ds / "labelsTr").joinpath(label.name).symlink_to(label.resolve())
+    info["numTraining"] = len(train)
     (train_ds / "dataset.json").write_text(json.dumps(info, indent=2))
-    return train_ds, test_img, test_lbl, len(ids) - n_test, n_test
+    return train_ds, test_img, test_lbl, len(train), n_test
 
 
 def run(cmd: list[str]) -> float:
