@@ -98,7 +98,9 @@ class Dist:
         import torch.distributed as dist
 
         values = np.asarray(values, dtype=np.float64)
-        buf = _REDUCE_BUFFERS.setdefault(values.size, torch.zeros(values.size, dtype=torch.float64))
+        buf = _REDUCE_BUFFERS.get(values.size)
+        if buf is None:  # one per length, made once (this runs every training step)
+            buf = _REDUCE_BUFFERS[values.size] = torch.zeros(values.size, dtype=torch.float64)
         buf.copy_(torch.from_numpy(values))
         dist.all_reduce(buf, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return buf.numpy().copy()
