@@ -28,6 +28,10 @@ the same budget gives the reference Dice.
     python benchmarks/active_annotation.py --train-cases 16 --axes 0 --add 1 --rounds 3 --epochs 10 --iters 100
     python benchmarks/active_annotation.py --quick      # synthetic smoke test, tiny network, in-process
 
+--train-seeds K trains every model K times (training seeds seed, seed+1, ...) on the same data and
+scores the mean Dice per point: a single training seed moves a model by up to ~0.04 Dice, more
+than the arms differ by. The suggestions come from the first seed's model.
+
 --train-cases N trains every model on only N of the non-held-out cases (same held-out set): fewer
 cases put the one-slice start further below dense, leaving more room to tell the arms apart.
 
@@ -96,24 +100,33 @@ def epochs_done(run_dir: Path) -> int | None:
 
 
 def train_and_score(dataset: Path, step: Path, test_img: Path, test_lbl: Path, dataset_json: Path,
-                    args: argparse.Namespace) -> dict[str, float]:
-    """Train on `dataset` into step/run (or continue it), score it on the held-out cases; mean Dice per label."""
-    run_dir = step / "run"
-    done = epochs_done(run_dir)
-    if done is None:
-        volseg_cmd(["train", str(dataset), "-o", str(run_dir), "--seed", str(args.seed), "--quiet",
-                    "--max-epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--max-minutes", "600",
-                    "--device", args.device, *args.train_flags], args.quick)  # fmt: skip
-    elif done < args.epochs:  # interrupted: continue where it stopped
-        volseg_cmd(["train", str(dataset), "-o", str(run_dir), "--resume", "--quiet", "--device", args.device],
-                   args.quick)
-    metrics = step / "metrics.csv"
-    if not metrics.exists():
-        volseg_cmd(["predict", "-m", str(run_dir), "-i", str(test_img), "-o", str(step / "predictions"), "--quiet",
-                    "--continue", "--device", args.device], args.quick)  # fmt: skip
-        volseg_cmd(["evaluate", str(step / "predictions"), str(test_lbl), "-o", str(metrics),
-                    "--dataset-json", str(dataset_json), "--no-plot"], args.quick)  # fmt: skip
-    return dice_per_class(metrics)
+                    args: argparse.Namespace) -> tuple[dict[str, float], list[float]]:
+    """Train on `dataset` into step/run (or continue it), score it on the held-out cases.
+
+    With --train-seeds K, K models (training seeds seed, seed+1, ...; step/run, step/run_seed<S>)
+    on the same data. Returns (mean Dice per label over the seeds, each seed's mean Dice).
+    """
+    per_seed: list[dict[str, float]] = []
+    for k in range(args.train_seeds):
+        seed = args.seed + k
+        suffix = "" if k == 0 else f"_seed{seed}"
+        run_dir, metrics, predictions = step / f"run{suffix}", step / f"metrics{suffix}.csv", step / f"predictions{suffix}"
+        done = epochs_done(run_dir)
+        if done is None:
+            volseg_cmd(["train", str(dataset), "-o", str(run_dir), "--seed", str(seed), "--quiet",
+                        "--max-epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--max-minutes", "600",
+                        "--device", args.device, *args.train_flags], args.quick)  # fmt: skip
+        elif done < args.epochs:  # interrupted: continue where it stopped
+            volseg_cmd(["train", str(dataset), "-o", str(run_dir), "--resume", "--quiet", "--device", args.device],
+                       args.quick)
+        if not metrics.exists():
+            volseg_cmd(["predict", "-m", str(run_dir), "-i", str(test_img), "-o", str(predictions), "--quiet",
+                        "--continue", "--device", args.device], args.quick)  # fmt: skip
+            volseg_cmd(["evaluate", str(predictions), str(test_lbl), "-o", str(metrics),
+                        "--dataset-json", str(dataset_json), "--no-plot"], args.quick)  # fmt: skip
+        per_seed.append(dice_per_class(metrics))
+    mean = {name: round(float(np.mean([d[name] for d in per_seed])), 4) for name in per_seed[0]}
+    return mean, [round(float(np.mean(list(d.values()))), 4) for d in per_seed]
 
 
 def labelled_masks(dataset: Path) -> dict[str, np.ndarray]:
@@ -159,12 +172,15 @@ def choose(arm: str, dataset: Path, prev_run: Path, step: Path, round_: int, arg
     return rows
 
 
-def curve_row(arm: str, round_: int, dataset: Path, dice: dict[str, float], axes: tuple[int, ...]) -> dict:
+def curve_row(arm: str, round_: int, dataset: Path, scores: tuple[dict[str, float], list[float]],
+              axes: tuple[int, ...]) -> dict:
+    dice, per_seed = scores
     masks = labelled_masks(dataset)
     fraction = float(np.mean([m.mean() for m in masks.values()]))
     return {"arm": arm, "round": round_, "slices_per_case": round(slices_per_case(masks, axes), 2),
             "labelled_fraction": round(fraction, 4), **{f"dice_{k}": v for k, v in dice.items()},
-            "mean_dice": round(float(np.mean(list(dice.values()))), 4)}  # fmt: skip
+            "mean_dice": round(float(np.mean(list(dice.values()))), 4),
+            "seed_dice": " ".join(f"{d:.4f}" for d in per_seed)}  # fmt: skip
 
 
 def slices_to_target(rows: list[dict], target: float) -> float | None:
@@ -181,7 +197,11 @@ def plot(curves: dict[str, list[dict]], dense: float, path: Path, title: str) ->
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for (arm, rows), marker in zip(curves.items(), "os^D"):
-        ax.plot([r["slices_per_case"] for r in rows], [r["mean_dice"] for r in rows], marker=marker, label=arm)
+        line = ax.plot([r["slices_per_case"] for r in rows], [r["mean_dice"] for r in rows], marker=marker,
+                       label=arm)[0]
+        seeds = [(r["slices_per_case"], float(d)) for r in rows for d in r["seed_dice"].split()]
+        if len(seeds) > len(rows):  # several training seeds: each seed's model as a faint dot
+            ax.scatter(*zip(*seeds), s=12, color=line.get_color(), alpha=0.35, linewidths=0)
     ax.axhline(dense, color="black", lw=0.8, label="dense labels")
     ax.axhline(TARGET * dense, color="grey", ls="--", lw=0.8, label=f"{TARGET:.0%} of dense")
     ax.set_xlabel("labelled slices per case")
@@ -222,6 +242,9 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--train-cases", type=int, default=None,
                         help="train on only this many of the non-held-out cases (small-data regime)")
+    parser.add_argument("--train-seeds", type=int, default=1,
+                        help="train every model with this many training seeds and score their mean Dice "
+                             "(one seed moves a model by up to ~0.04 Dice); suggestions use the first seed's model")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--train-flags", default="", help="extra `volseg train` flags shared by every model")
     parser.add_argument("--quick", action="store_true",
@@ -249,9 +272,9 @@ def main() -> None:
                                                                     args.train_cases)
     dataset_json = train_ds / "dataset.json"
 
-    dense_dice = train_and_score(train_ds, out / "dense", test_img, test_lbl, dataset_json, args)
+    dense_dice, dense_seeds = train_and_score(train_ds, out / "dense", test_img, test_lbl, dataset_json, args)
     dense = round(float(np.mean(list(dense_dice.values()))), 4)
-    print(json.dumps({"arm": "dense", "mean_dice": dense, **dense_dice}), flush=True)
+    print(json.dumps({"arm": "dense", "mean_dice": dense, **dense_dice, "seed_dice": dense_seeds}), flush=True)
 
     start = out / "round0"
     start_ds = start / "dataset"
@@ -291,7 +314,7 @@ def main() -> None:
              f"{args.budget} slices added per round over all cases (at most {args.add} per case)")  # fmt: skip
     (out / "curves.md").write_text(
         f"{source}: held-out {n_test} cases, trained on {n_train}; {args.epochs} epochs x {args.iters} steps "
-        f"per model; "
+        f"per model, mean of {args.train_seeds} training seed(s) per point; "
         f"{added} on axes {args.axes}; dense mean Dice {dense}.\n\n{table}\n")
     plot(curves, dense, out / "dice_vs_slices.png", f"{source}: Dice against labelled slices")
     print(table)
@@ -301,6 +324,7 @@ def main() -> None:
         "dense_mean_dice": dense, "target_dice": round(target, 4), "rounds": args.rounds, "add_per_round": args.add,
         "budget_per_round": args.budget,
         "epochs": args.epochs, "iters_per_epoch": args.iters, "n_train": n_train, "n_test": n_test,
+        "train_seeds": args.train_seeds, "dense_seed_dice": dense_seeds,
         "quick": args.quick,
         "curves": {arm: [[r["slices_per_case"], r["mean_dice"]] for r in rows] for arm, rows in curves.items()},
     })  # fmt: skip

@@ -18,6 +18,8 @@ from volseg.suggest import (
     CSV_COLUMNS,
     apply_suggestions,
     best_over_cases,
+    relative_positions,
+    select_spread,
     even_over_cases,
     labelled_slices,
     mirror_predictions,
@@ -281,7 +283,8 @@ def test_cli_budget_keeps_the_best_slices_over_the_dataset(
     sparse_dataset: Path, trained_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
     run_dir, _ = trained_run
-    common = ["suggest-slices", str(sparse_dataset), "-m", str(run_dir), "--top-k", "2", "--device", "cpu", "--quiet"]
+    common = ["suggest-slices", str(sparse_dataset), "-m", str(run_dir), "--top-k", "2", "--device", "cpu", "--quiet",
+              "--diversity", "0"]  # fmt: skip
     assert run_cli([*common, "-o", str(tmp_path / "all")]) == 0
     assert run_cli([*common, "-o", str(tmp_path / "budget"), "--budget", "3"]) == 0
     everything = read_suggestions_csv(tmp_path / "all" / "suggestions.csv")
@@ -308,3 +311,61 @@ def test_cli_refuses_a_dataset_without_an_ignore_label(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "dataset.json" in err and "nothing unlabelled to suggest" in err
     assert not (tmp_path / "s").exists()
+
+
+def _spread_rows(cases: str, peaks: tuple[tuple[int, float, float], ...]) -> list[dict]:
+    return [{"case": c, "axis": 0, "index": i, "score": sc, "position": p} for c in cases for i, sc, p in peaks]
+
+
+def test_select_spread_without_diversity_is_the_plain_ranking() -> None:
+    rows = _spread_rows("abc", ((20, 3.0, 0.8), (10, 2.0, 0.2), (15, 1.0, 0.5)))
+    rows[3]["score"], rows[4]["score"] = 5.0, 4.0  # case b's slices 20 and 10 are the best over the dataset
+    per_case = select_spread(rows, top_k=2, diversity=0.0)
+    assert [(r["case"], r["index"], r["rank"]) for r in per_case] == [
+        ("a", 20, 1), ("a", 10, 2), ("b", 20, 1), ("b", 10, 2), ("c", 20, 1), ("c", 10, 2)]  # fmt: skip
+    budget = select_spread(rows, top_k=2, budget=3, diversity=0.0)
+    assert [(r["case"], r["index"]) for r in budget] == [
+        (r["case"], r["index"]) for r in best_over_cases([r for r in rows if r["index"] != 15], 3)]  # fmt: skip
+    assert [r["rank"] for r in budget] == [1, 1, 2]  # ranks renumbered within each case
+    assert rows[0].get("rank") is None  # the input rows are untouched
+
+
+def test_select_spread_alternates_between_equally_uncertain_places() -> None:
+    """Every case slightly more unsure at one end: plain ranking labels that end in all of them."""
+    rows = _spread_rows("abcdefgh", ((25, 1.1, 0.8), (9, 1.0, 0.2)))
+    plain = select_spread(rows, top_k=1, diversity=0.0)
+    assert {r["index"] for r in plain} == {25}
+    spread = select_spread(rows, top_k=1, diversity=0.1)
+    ends = [r["index"] for r in spread]
+    assert len(ends) == 8 and sorted(set(ends)) == [9, 25]
+    assert 3 <= ends.count(9) <= 5  # about half at each end
+    # a clearly more uncertain place still wins everywhere
+    sure = select_spread(_spread_rows("abcdefgh", ((25, 3.0, 0.8), (9, 1.0, 0.2))), top_k=1, diversity=0.1)
+    assert {r["index"] for r in sure} == {25}
+
+
+def test_select_spread_counts_the_slices_labelled_already() -> None:
+    rows = _spread_rows("ab", ((25, 1.1, 0.8), (9, 1.0, 0.2)))
+    prior = {0: [0.8] * 6}  # six cases already labelled near position 0.8
+    assert {r["index"] for r in select_spread(rows, prior, top_k=1, diversity=0.1)} == {9}
+    assert [r["index"] for r in select_spread(rows[:2], {1: [0.8] * 6}, top_k=1, diversity=0.1)] == [25]  # other axis
+    assert select_spread([], prior) == []
+
+
+def test_select_spread_limits_and_errors() -> None:
+    rows = _spread_rows("abcd", ((25, 1.1, 0.8), (9, 1.0, 0.2), (17, 0.5, 0.5)))
+    picks = select_spread(rows, top_k=2, budget=5, diversity=0.1)
+    assert len(picks) == 5
+    assert max(sum(r["case"] == c for r in picks) for c in "abcd") <= 2
+    assert len(select_spread(rows, top_k=3)) == 12 and len(select_spread(rows, top_k=9)) == 12  # runs out
+    for bad in ({"diversity": 1.0}, {"diversity": -0.1}, {"width": 0.0}, {"top_k": 0}, {"budget": 0}):
+        with pytest.raises(VolsegError):
+            select_spread(rows, **bad)
+
+
+def test_relative_positions_line_up_the_object() -> None:
+    fg = np.zeros((20, 3, 3), bool)
+    fg[5:16, 1, 1] = True
+    assert relative_positions(fg, 0, [5, 10, 15]).tolist() == [0.0, 0.5, 1.0]
+    assert relative_positions(fg, 1, [1]).tolist() == [0.0]  # a one-slice object: no division by zero
+    assert relative_positions(np.zeros((5, 2, 2), bool), 0, [0, 4]).tolist() == [0.0, 1.0]

@@ -342,6 +342,7 @@ def suggest_slices(
     axes: Annotated[str, typer.Option(help="axes to suggest slices on, any of 0,1,2 (I, J, K)")] = "0,1,2",
     mirror: Annotated[bool, typer.Option("--mirror/--no-mirror", help="average predictions mirrored along each axis")] = True,
     min_gap: Annotated[int, typer.Option(help="suggested slices on one axis are at least this many slices apart")] = 2,
+    diversity: Annotated[float, typer.Option(help="0-1: how much a labelled slice lowers the worth of the same anatomy in other cases (0: rank each case alone)")] = 0.1,
     measure: Annotated[str, typer.Option(help="entropy (of the mean prediction) or mutual_information (disagreement)")] = "entropy",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing suggestions.csv")] = False,
@@ -356,7 +357,7 @@ def suggest_slices(
         raise VolsegError(None, f"--axes must be comma-separated axis numbers, got {axes!r}") from None
     rows = run_suggest(model, dataset, top_k=top_k, axes=axis_tuple, mirror=mirror, device=device, min_gap=min_gap,
                        measure=measure.replace("-", "_"), out=output, overwrite=overwrite, progress=not quiet,
-                       budget=budget)
+                       budget=budget, diversity=diversity)
     n_cases = len({r["case"] for r in rows})
     _echo(f"{len(rows)} slices suggested for {n_cases} case(s): {output / SUGGESTIONS_CSV}; previews {output}/<case>.png")
 

@@ -23,6 +23,13 @@ Choices, and why:
 - With a dataset-wide `budget`, the N best slices over all cases are kept instead of k per case:
   a case the model is already sure of gets none, a case it is unsure of several (up to `top_k`),
   and a round can add fewer slices than one per case.
+- Picks are spread over the anatomy the cases share (`select_spread`): every case's uncertainty
+  is often highest at the same place (one end of an organ, say) while the model is just as wrong
+  elsewhere; labelling that place in every case teaches one model the same thing many times.
+  Each labelled slice lowers, by `diversity` (10%), the worth of slices at the same relative
+  position of the object in every case, so rounds cover the uncertain parts in turn. On MSD
+  hippocampus (16 training cases, one labelled slice each) plain ranking put 13 of 16 second
+  slices on the same side of the middle; see docs/benchmarks.md for what the spread changes.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import csv
 import io as _stdio
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +51,10 @@ from volseg.sparsify import DENSE_LABELS
 
 MEASURES = ("entropy", "mutual_information")
 SUGGESTIONS_CSV = "suggestions.csv"
-CSV_COLUMNS = ("case", "rank", "axis", "index", "score", "labelled_fraction_before")
+CSV_COLUMNS = ("case", "rank", "axis", "index", "score", "position", "labelled_fraction_before")
 OWN_LABELLED_FRACTION = 0.5  # share of a slice's own voxels that makes it "labelled"
+DIVERSITY = 0.1  # how much one labelled slice lowers the worth of the same anatomy in every case
+DIVERSITY_WIDTH = 0.1  # "the same anatomy": within about this share of the object's extent
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +297,102 @@ def best_over_cases(candidates: Iterable[Mapping[str, Any]], budget: int) -> lis
     return chosen
 
 
+def select_spread(
+    candidates: Sequence[Mapping[str, Any]],
+    prior: Mapping[int, Sequence[float]] | None = None,
+    top_k: int = 3,
+    budget: int | None = None,
+    diversity: float = DIVERSITY,
+    width: float = DIVERSITY_WIDTH,
+) -> list[dict[str, Any]]:
+    """Pick slices over all cases: high uncertainty, spread over the anatomy the cases share.
+
+    One model learns from every case, so a slice through the same anatomy in a second case
+    teaches it less than the first did. Each candidate row {case, axis, index, score, position}
+    carries its `position` along its axis relative to the case's predicted object (0 and 1 are
+    the object's first and last slice), which lines up the cases' anatomy. Every labelled slice
+    (the `prior` positions per axis, all cases together) and every pick multiplies the score of
+    the candidates at nearby positions on its axis by 1 - diversity * exp(-d^2 / (2 width^2)):
+    the greedy pick is always the highest remaining score, so picks alternate between the
+    uncertain parts of the anatomy instead of piling onto the one that is slightly more
+    uncertain in every case. `diversity` 0 ranks each case on its own scores alone.
+
+    Each case gets at most `top_k` picks, over all cases at most `budget` (None: `top_k` per
+    case). Rows come back grouped by case in input order, `rank` 1.. in pick order; ties go to
+    the earlier row.
+
+    >>> rows = [{"case": c, "axis": 0, "index": i, "score": s, "position": p}
+    ...         for c in "abcd" for i, s, p in ((20, 1.2, 0.75), (10, 1.0, 0.25))]
+    >>> sorted({r["index"] for r in select_spread(rows, top_k=1, diversity=0.0)})  # every case: its best
+    [20]
+    >>> [(r["case"], r["index"]) for r in select_spread(rows, top_k=1, diversity=0.3)]
+    [('a', 20), ('b', 10), ('c', 20), ('d', 10)]
+    """
+    if not 0.0 <= diversity < 1.0:
+        raise VolsegError(None, f"diversity must be in [0, 1), got {diversity}")
+    if width <= 0:
+        raise VolsegError(None, f"the diversity width must be positive, got {width}")
+    if top_k < 1:
+        raise VolsegError(None, f"top_k must be at least 1, got {top_k}")
+    if budget is not None and budget < 1:
+        raise VolsegError(None, f"the budget must be at least 1 slice, got {budget}")
+    rows = [dict(r) for r in candidates]
+    if not rows:
+        return []
+    score = np.array([float(r["score"]) for r in rows])
+    axis = np.array([int(r["axis"]) for r in rows])
+    position = np.array([float(r["position"]) for r in rows])
+    log_keep = np.zeros(len(rows))  # log of the product of the discounts so far
+
+    def discount(a: int, at: float) -> None:
+        if diversity > 0.0:
+            near = axis == a
+            log_keep[near] += np.log1p(-diversity * np.exp(-0.5 * ((position[near] - at) / width) ** 2))
+
+    for a, positions in (prior or {}).items():
+        for at in positions:
+            discount(int(a), float(at))
+    case_order = {case: i for i, case in enumerate(dict.fromkeys(r["case"] for r in rows))}
+    case_of = np.array([case_order[r["case"]] for r in rows])
+    limit = len(case_order) * top_k if budget is None else budget
+    log_score = np.log(np.maximum(score, 1e-30))  # in logs: many discounts never underflow to a tie at 0
+    open_ = np.ones(len(rows), bool)
+    taken = np.zeros(len(case_order), int)
+    order: list[int] = []
+    while len(order) < limit and open_.any():
+        c = int(np.argmax(np.where(open_, log_score + log_keep, -np.inf)))  # first maximum: earlier row on ties
+        order.append(c)
+        open_[c] = False
+        taken[case_of[c]] += 1
+        if taken[case_of[c]] >= top_k:
+            open_ &= case_of != case_of[c]
+        discount(int(axis[c]), float(position[c]))
+    rank = {c: 0 for c in order}
+    seen: dict[str, int] = {}
+    for c in order:
+        seen[rows[c]["case"]] = seen.get(rows[c]["case"], 0) + 1
+        rank[c] = seen[rows[c]["case"]]
+    chosen = sorted(order, key=lambda c: (case_of[c], rank[c]))
+    return [{**rows[c], "rank": rank[c]} for c in chosen]
+
+
+def relative_positions(foreground: np.ndarray, axis: int, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Slice `indices` along `axis` as positions relative to the object: 0 at its first slice, 1 at its last.
+
+    Lines up the anatomy of cases of different sizes for `select_spread`. Without any object
+    voxel the whole axis is the object.
+
+    >>> fg = np.zeros((11, 2, 2), bool); fg[3:8] = True
+    >>> relative_positions(fg, 0, [3, 5, 7, 10]).tolist()
+    [0.0, 0.5, 1.0, 1.75]
+    """
+    fg = np.asarray(foreground, dtype=bool)
+    other = tuple(a for a in range(3) if a != axis)
+    present = np.flatnonzero(fg.any(axis=other))
+    lo, hi = (int(present[0]), int(present[-1])) if present.size else (0, fg.shape[axis] - 1)
+    return (np.asarray(indices, dtype=float) - lo) / max(hi - lo, 1)
+
+
 def even_over_cases(
     masks: Mapping[str, np.ndarray], budget: int, rng: np.random.Generator, axes: Sequence[int] = (0, 1, 2)
 ) -> list[dict[str, Any]]:
@@ -399,16 +505,22 @@ def suggest_slices(
     overwrite: bool = False,
     progress: bool = True,
     budget: int | None = None,
+    diversity: float = DIVERSITY,
 ) -> list[dict[str, Any]]:
     """Rank every case's unlabelled slices by the model's uncertainty; rows best first per case.
 
-    Rows: {case, rank (1 = best), axis, index, score, labelled_fraction_before} (the fraction of
-    the case's voxels labelled now). With `out`, writes `out/suggestions.csv` and one preview
+    Rows: {case, rank (1 = best), axis, index, score, position, labelled_fraction_before}
+    (position: along the axis, relative to the predicted object; the fraction: of the case's
+    voxels labelled now). With `out`, writes `out/suggestions.csv` and one preview
     `out/<case>.png` per case (each suggested slice with the prediction's contours, beside its
     uncertainty map). Several model paths are an ensemble; `mirror` adds the mirrored variants.
-    With `budget`, only the `budget` best slices over all cases are kept (at most `top_k` per
-    case; `best_over_cases`), and only cases that got one have a preview. Memory stays bounded:
-    only the 2D planes of the current best `budget` candidates are held for the previews.
+
+    Each case offers its 3 * top_k + 3 best slices (at least `min_gap` apart) as candidates, and
+    `select_spread` picks among all cases' candidates at once: `top_k` per case, or with
+    `budget` the `budget` best over the dataset (at most `top_k` per case; only cases that got
+    one have a preview), with `diversity` > 0 spreading the picks over the anatomy the cases
+    share. Memory stays bounded: the candidates' preview planes wait in a scratch folder under
+    `out` until the picks are known.
     """
     from volseg.inference import load_ensemble, resolve_device
 
@@ -422,6 +534,8 @@ def suggest_slices(
         raise VolsegError(None, f"--min-gap must be 0 or more, got {min_gap}")
     if budget is not None and budget < 1:
         raise VolsegError(None, f"--budget must be at least 1 slice, got {budget}")
+    if not 0.0 <= diversity < 1.0:
+        raise VolsegError(None, f"--diversity must be at least 0 and below 1, got {diversity}")
     info, cases, ignore = _sparse_dataset(dataset)
     csv_path = None if out is None else Path(out) / SUGGESTIONS_CSV
     if csv_path is not None and csv_path.exists() and not overwrite:
@@ -446,42 +560,85 @@ def suggest_slices(
         from tqdm import tqdm
 
         iterator = tqdm(cases, desc="suggest", unit="case", disable=None)
-    rows: list[dict[str, Any]] = []
-    panels: dict[tuple[str, int, int], dict[str, Any]] = {}  # with a budget: preview planes of the kept rows
-    for case in iterator:
-        image, label = io.read_case(case, declared=[v for _, v in info.labels])
-        if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
-            raise VolsegError(case.images[0], "has NaN or Inf voxels; cannot predict on them")
-        labelled = label.array[0] != ignore
-        mean, uncertainty = _case_uncertainty(models, cfgs, image, mirror, measure, dev)
-        ranked = rank_slices(uncertainty, labelled, axes, top_k, min_gap)
-        fraction = float(labelled.mean())
-        case_rows = [
-            {"case": case.case_id, "rank": r + 1, "axis": axis, "index": index, "score": round(score, 4),
-             "labelled_fraction_before": round(fraction, 6)}
-            for r, (axis, index, score) in enumerate(ranked)
-        ]  # fmt: skip
-        if not case_rows:
-            continue
-        seg = np.asarray(data.class_values)[mean.argmax(0)] if out is not None else None
-        if budget is None:
-            rows += case_rows
-            if seg is not None:
-                plot_suggestions(image.array[0], seg, uncertainty, labelled, case_rows,
-                                 Path(out) / f"{case.case_id}.png", spacing=image.spacing)  # fmt: skip
-            continue
-        rows = best_over_cases(rows + case_rows, budget)
-        if seg is not None:
-            panels.update(_panels(image.array[0], seg, uncertainty, labelled, case_rows, image.spacing))
-            kept = {(r["case"], r["axis"], r["index"]) for r in rows}
-            panels = {key: panel for key, panel in panels.items() if key in kept}
-    if budget is not None and out is not None:
-        for name in dict.fromkeys(r["case"] for r in rows):
-            mine = [r for r in rows if r["case"] == name]
-            _plot_panels([panels[(name, r["axis"], r["index"])] for r in mine], mine, Path(out) / f"{name}.png")
+    n_candidates = 3 * top_k + 3  # per case: enough for the spread to swap a pick for another peak
+    candidates: list[dict[str, Any]] = []
+    prior: dict[int, list[float]] = {a: [] for a in axes}  # where the cases are labelled already
+    with tempfile.TemporaryDirectory(prefix=".suggest-", dir=_made(out)) as scratch:
+        for number, case in enumerate(iterator):
+            image, label = io.read_case(case, declared=[v for _, v in info.labels])
+            if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
+                raise VolsegError(case.images[0], "has NaN or Inf voxels; cannot predict on them")
+            labelled = label.array[0] != ignore
+            mean, uncertainty = _case_uncertainty(models, cfgs, image, mirror, measure, dev)
+            foreground = mean.argmax(0) != 0
+            ranked = rank_slices(uncertainty, labelled, axes, n_candidates, min_gap)
+            fraction = float(labelled.mean())
+            for a in axes:
+                prior[a] += relative_positions(foreground, a, np.flatnonzero(labelled_slices(labelled, a))).tolist()
+            case_rows = [
+                {"case": case.case_id, "axis": axis, "index": index, "score": round(score, 4),
+                 "labelled_fraction_before": round(fraction, 6),
+                 "position": float(relative_positions(foreground, axis, [index])[0]), "_file": number}
+                for axis, index, score in ranked
+            ]  # fmt: skip
+            candidates += case_rows
+            if out is not None and case_rows:  # the preview planes wait on disk until the picks are known
+                seg = np.asarray(data.class_values)[mean.argmax(0)]
+                panels = _panels(image.array[0], seg, uncertainty, labelled, case_rows, image.spacing)
+                _save_panels(Path(scratch) / f"{number}.npz", panels)
+        rows = select_spread(candidates, prior, top_k, budget, diversity)
+        if out is not None:
+            for name in dict.fromkeys(r["case"] for r in rows):
+                mine = [r for r in rows if r["case"] == name]
+                panels = _load_panels(Path(scratch) / f"{mine[0]['_file']}.npz", name)
+                _plot_panels([panels[(name, r["axis"], r["index"])] for r in mine], mine, Path(out) / f"{name}.png")
+    rows = [{k: v for k, v in r.items() if k != "_file"} for r in rows]
+    for r in rows:
+        r["position"] = round(r["position"], 4)
     if csv_path is not None:
         write_suggestions_csv(csv_path, rows)
     return rows
+
+
+def _made(folder: str | Path | None) -> str | None:
+    """`folder`, created if need be (None stays None: the system's temporary folder)."""
+    if folder is None:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+_PANEL_ARRAYS = ("image", "seg", "uncertainty", "labelled")
+
+
+def _save_panels(path: Path, panels: Mapping[tuple[str, int, int], Mapping[str, Any]]) -> None:
+    """`_panels` planes as one .npz (plain arrays, no pickle), keyed by axis and index."""
+    arrays: dict[str, np.ndarray] = {}
+    for (_, axis, index), panel in panels.items():
+        key = f"{axis}_{index}"
+        for name in _PANEL_ARRAYS:
+            arrays[f"{key}_{name}"] = np.asarray(panel[name])
+        arrays[f"{key}_window"] = np.asarray(panel["window"], dtype=np.float64)
+        arrays[f"{key}_values"] = np.asarray(panel["values"], dtype=np.int64)
+        arrays[f"{key}_aspect"] = np.asarray(panel["aspect"], dtype=np.float64)
+        arrays[f"{key}_axes"] = np.asarray(panel["axes"], dtype=np.int64)
+    np.savez(path, **arrays)
+
+
+def _load_panels(path: Path, case: str) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """The planes `_save_panels` wrote, keyed by (case, axis, index) again."""
+    out: dict[tuple[str, int, int], dict[str, Any]] = {}
+    with np.load(path, allow_pickle=False) as npz:
+        keys = {k.rsplit("_", 1)[0] for k in npz.files if k.endswith("_axes")}
+        for key in keys:
+            axis, index = (int(v) for v in key.split("_"))
+            panel: dict[str, Any] = {name: npz[f"{key}_{name}"] for name in _PANEL_ARRAYS}
+            panel["window"] = tuple(float(v) for v in npz[f"{key}_window"])
+            panel["values"] = tuple(int(v) for v in npz[f"{key}_values"])
+            panel["aspect"] = float(npz[f"{key}_aspect"])
+            panel["axes"] = tuple(int(v) for v in npz[f"{key}_axes"])
+            out[(case, axis, index)] = panel
+    return out
 
 
 def write_suggestions_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
