@@ -359,19 +359,16 @@ def select_spread(
     open_ = np.ones(len(rows), bool)
     taken = np.zeros(len(case_order), int)
     order: list[int] = []
+    rank: dict[int, int] = {}  # a pick's place among its case's picks
     while len(order) < limit and open_.any():
         c = int(np.argmax(np.where(open_, log_score + log_keep, -np.inf)))  # first maximum: earlier row on ties
         order.append(c)
         open_[c] = False
         taken[case_of[c]] += 1
+        rank[c] = int(taken[case_of[c]])
         if taken[case_of[c]] >= top_k:
             open_ &= case_of != case_of[c]
         discount(int(axis[c]), float(position[c]))
-    rank = {c: 0 for c in order}
-    seen: dict[str, int] = {}
-    for c in order:
-        seen[rows[c]["case"]] = seen.get(rows[c]["case"], 0) + 1
-        rank[c] = seen[rows[c]["case"]]
     chosen = sorted(order, key=lambda c: (case_of[c], rank[c]))
     return [{**rows[c], "rank": rank[c]} for c in chosen]
 
@@ -570,7 +567,8 @@ def suggest_slices(
                 raise VolsegError(case.images[0], "has NaN or Inf voxels; cannot predict on them")
             labelled = label.array[0] != ignore
             mean, uncertainty = _case_uncertainty(models, cfgs, image, mirror, measure, dev)
-            foreground = mean.argmax(0) != 0
+            best = mean.argmax(0)
+            foreground = best != 0
             ranked = rank_slices(uncertainty, labelled, axes, n_candidates, min_gap)
             fraction = float(labelled.mean())
             for a in axes:
@@ -583,7 +581,7 @@ def suggest_slices(
             ]  # fmt: skip
             candidates += case_rows
             if out is not None and case_rows:  # the preview planes wait on disk until the picks are known
-                seg = np.asarray(data.class_values)[mean.argmax(0)]
+                seg = np.asarray(data.class_values)[best]
                 panels = _panels(image.array[0], seg, uncertainty, labelled, case_rows, image.spacing)
                 _save_panels(Path(scratch) / f"{number}.npz", panels)
         rows = select_spread(candidates, prior, top_k, budget, diversity)
@@ -666,24 +664,6 @@ def read_suggestions_csv(path: str | Path) -> list[dict[str, Any]]:
                  **({"rank": int(r["rank"])} if r.get("rank") else {})} for r in rows]  # fmt: skip
     except ValueError:
         raise VolsegError(path, "axis and index must be whole numbers") from None
-
-
-def plot_suggestions(
-    image: np.ndarray,
-    seg: np.ndarray,
-    uncertainty: np.ndarray,
-    labelled: np.ndarray,
-    rows: Sequence[Mapping[str, Any]],
-    out_png: str | Path,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-) -> None:
-    """One row per suggested slice: image with prediction contours, and the uncertainty map.
-
-    Axes as in `report.plot_overlay` (rows and columns are the two remaining axes in order,
-    physical aspect ratio). Already labelled voxels are hatched-out on the uncertainty map.
-    """
-    planes = _panels(image, seg, uncertainty, labelled, rows, spacing)
-    _plot_panels([planes[(r["case"], int(r["axis"]), int(r["index"]))] for r in rows], rows, out_png)
 
 
 def _panels(
