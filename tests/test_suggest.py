@@ -17,7 +17,6 @@ from volseg.sparsify import DENSE_LABELS, sparsify_dataset
 from volseg.suggest import (
     CSV_COLUMNS,
     apply_suggestions,
-    best_over_cases,
     relative_positions,
     select_spread,
     even_over_cases,
@@ -159,19 +158,6 @@ def test_even_and_random_baselines() -> None:
     drawn = random_unlabelled_slices(mask, 100, rng)
     assert len(drawn) == len(set(drawn)) == free
     assert int(slices_mask((4, 5, 6), [(1, 0), (1, 4)]).sum()) == 2 * 4 * 6
-
-
-def test_dataset_wide_budget_keeps_the_best_slices_over_all_cases() -> None:
-    rows = [{"case": c, "rank": r, "axis": 0, "index": i, "score": sc}
-            for c, r, i, sc in [("a", 1, 3, 9.0), ("a", 2, 7, 2.0), ("b", 1, 1, 4.0), ("b", 2, 5, 4.0),
-                                ("c", 1, 2, 1.0)]]  # fmt: skip
-    kept = best_over_cases(rows, 3)
-    assert [(r["case"], r["index"], r["rank"]) for r in kept] == [("a", 3, 1), ("b", 1, 1), ("b", 5, 2)]
-    assert len(best_over_cases(rows, 99)) == 5 and rows[1]["rank"] == 2  # input rows untouched
-    kept = best_over_cases(rows[2:], 1)  # a tie: the earlier row wins
-    assert [(r["case"], r["index"], r["rank"]) for r in kept] == [("b", 1, 1)]
-    with pytest.raises(VolsegError, match="at least 1"):
-        best_over_cases(rows, 0)
 
 
 def test_even_baseline_over_cases_is_a_round_robin() -> None:
@@ -324,8 +310,8 @@ def test_select_spread_without_diversity_is_the_plain_ranking() -> None:
     assert [(r["case"], r["index"], r["rank"]) for r in per_case] == [
         ("a", 20, 1), ("a", 10, 2), ("b", 20, 1), ("b", 10, 2), ("c", 20, 1), ("c", 10, 2)]  # fmt: skip
     budget = select_spread(rows, top_k=2, budget=3, diversity=0.0)
-    assert [(r["case"], r["index"]) for r in budget] == [
-        (r["case"], r["index"]) for r in best_over_cases([r for r in rows if r["index"] != 15], 3)]  # fmt: skip
+    # the 3 best of the 2 kept per case over the dataset (a tie at 3.0 goes to the earlier case), in case order
+    assert [(r["case"], r["index"]) for r in budget] == [("a", 20), ("b", 20), ("b", 10)]
     assert [r["rank"] for r in budget] == [1, 1, 2]  # ranks renumbered within each case
     assert rows[0].get("rank") is None  # the input rows are untouched
 

@@ -273,30 +273,6 @@ def random_unlabelled_slices(
     return [free[int(p)] for p in picks]
 
 
-def best_over_cases(candidates: Iterable[Mapping[str, Any]], budget: int) -> list[dict[str, Any]]:
-    """The `budget` highest-scoring candidate rows over all cases, ranks renumbered 1.. within each case.
-
-    Ties go to the earlier row (the earlier case, then its better rank). Rows come back in their
-    input order, so each case's rows stay together and best first.
-
-    >>> rows = [{"case": "a", "rank": 1, "score": 5.0}, {"case": "a", "rank": 2, "score": 1.0},
-    ...         {"case": "b", "rank": 1, "score": 3.0}, {"case": "b", "rank": 2, "score": 2.0}]
-    >>> [(r["case"], r["rank"]) for r in best_over_cases(rows, 3)]
-    [('a', 1), ('b', 1), ('b', 2)]
-    """
-    if budget < 1:
-        raise VolsegError(None, f"the budget must be at least 1 slice, got {budget}")
-    rows = [dict(r) for r in candidates]
-    order = sorted(range(len(rows)), key=lambda i: (-float(rows[i]["score"]), i))
-    keep = sorted(order[:budget])
-    chosen = [rows[i] for i in keep]
-    seen: dict[str, int] = {}
-    for row in chosen:
-        seen[row["case"]] = seen.get(row["case"], 0) + 1
-        row["rank"] = seen[row["case"]]
-    return chosen
-
-
 def select_spread(
     candidates: Sequence[Mapping[str, Any]],
     prior: Mapping[int, Sequence[float]] | None = None,
