@@ -198,6 +198,19 @@ def poly_lr(base_lr: float, progress: float, exponent: float) -> float:
     return base_lr * (1 - min(max(progress, 0.0), 1.0)) ** exponent
 
 
+def eta_seconds(elapsed_s: float, epochs_done: int, max_epochs: int, budget_s: float) -> float:
+    """Time the run has left: the budget's remainder or the remaining epochs at the mean epoch time.
+
+    An upper bound: a plateau stop can end the run sooner, and no one can know when.
+
+    >>> eta_seconds(600.0, 5, 100, 3600.0), eta_seconds(600.0, 5, 8, 3600.0), eta_seconds(600.0, 5, 8, 0.0)
+    (3000.0, 360.0, 360.0)
+    """
+    by_epochs = max(max_epochs - epochs_done, 0) * elapsed_s / max(epochs_done, 1)
+    by_budget = max(budget_s - elapsed_s, 0.0) if budget_s > 0 else by_epochs
+    return min(by_budget, by_epochs)
+
+
 def class_frequencies(cases: list[CaseData], num_classes: int) -> np.ndarray:
     """Fraction of labelled voxels in each class over the training cases (unlabelled voxels left out)."""
     counts = np.zeros(num_classes, dtype=np.float64)
@@ -525,7 +538,8 @@ def _train(
             tqdm.write(
                 f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {val['val_loss']:.4f}  "
                 f"val Dice {val['val_dice']:.4f} ({per_class})  {'*best* ' if improved else ''}"
-                f"[{row['seconds'] / 60:.1f} / {tc.max_minutes:g} min]"
+                f"[{row['seconds'] / 60:.1f} / {tc.max_minutes:g} min, "
+                f"ETA {eta_seconds(row['seconds'], epoch, tc.max_epochs, budget_s) / 60:.1f} min]"
             )
         if on_epoch and dist.main:
             on_epoch(out, row)
