@@ -377,3 +377,14 @@ def test_plan_writes_an_editable_plan_that_train_uses(tiny_dataset, tmp_path, ca
     assert run_cli(["train", str(tiny_dataset), "-o", str(run), "--plan", str(plan), "--device", "cpu", "--quiet"]) == 0
     used = json.loads((run / "plan.json").read_text())
     assert used["config"]["model"]["base_width"] == 4 and used["config"]["train"]["patch_size"] == [16, 16, 16]
+
+
+def test_synth_lesions_kind_writes_a_two_channel_thick_slice_set(tmp_path, capsys):
+    out = tmp_path / "les"
+    assert run_cli(["synth", "-o", str(out), "--kind", "lesions", "--cases", "1", "--test-cases", "1",
+                    "--in-plane", "48"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "T1c", "1": "FLAIR"}
+    assert (out / "imagesTs" / "case_001_0001.nii.gz").exists()
+    assert run_cli(["synth", "-o", str(tmp_path / "x"), "--kind", "nope"]) == 2
+    assert "unknown --kind" in capsys.readouterr().err

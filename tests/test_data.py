@@ -156,6 +156,27 @@ def test_sample_patch_force_fg_contains_foreground(seed):
     assert x.shape == (1, 8, 8, 8) and y.shape == w.shape == (8, 8, 8)
 
 
+def test_forced_foreground_survives_strong_augmentation():
+    """A 2-voxel-wide object of each class must be in every forced patch after rotation, zoom and
+    elastic deformation at their maximum (it is drawn in the patch's central half)."""
+    from volseg.config import AugmentConfig
+
+    label = np.zeros((40, 40, 12), np.uint8)
+    label[5:7, 30:32, 2:4] = 1  # two tiny objects near the borders
+    label[33:35, 6:8, 9:11] = 2
+    case = memory_case(label)
+    strong = AugmentConfig(rotation_p=1, zoom_p=1, zoom_range=(1.4, 1.4), elastic_p=1, mirror_p=0.5)
+    seen = set()
+    for seed in range(12):
+        _, y, _ = sample_batch([case], (16, 16, 8), 2, np.random.default_rng(seed), fg_fraction=1.0, mirror=False,
+                               augment=strong, num_classes=3)
+        for b in range(2):
+            present = set(torch.unique(y[b]).tolist()) - {0}
+            assert present, f"seed {seed}: a forced patch lost its object"
+            seen |= present
+    assert seen == {1, 2}  # both classes are drawn
+
+
 def test_sample_patch_without_force_fg_mostly_misses_a_small_object():
     case, _ = small_object_case()
     hits = [

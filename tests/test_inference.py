@@ -398,3 +398,13 @@ def test_autocast_dtype_is_bf16_where_the_gpu_has_it_else_fp16(monkeypatch, bf16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert autocast_dtype(torch.device("cuda", 0)) == expected
     assert autocast_dtype(torch.device("cpu")) is None
+
+
+def test_default_post_processing_keeps_a_one_voxel_lesion():
+    """No component is removed unless asked: a tiny true lesion must survive `volseg predict`'s defaults."""
+    from volseg.inference import clean_segmentation
+
+    seg = np.zeros((9, 9, 3), np.uint8)
+    seg[1:6, 1:6, :] = 1
+    seg[8, 8, 2] = 1  # a single-voxel lesion far from the large one
+    assert np.array_equal(clean_segmentation(seg, (0.5, 0.5, 6.0), (0, 1)), seg)

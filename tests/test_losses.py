@@ -243,9 +243,9 @@ def test_deep_supervision_loss_is_the_weighted_sum_over_levels():
     full, half = torch.randn(2, 3, 8, 8, 8), torch.randn(2, 3, 4, 4, 4)
     y, w = downsample_targets(target, weight, 2, 3)
     expected = 0.7 * dice_ce(full, target, weight) + 0.3 * dice_ce(half, y, w)
-    got = deep_supervision_loss(dice_ce, [full, half], target, weight, [1], [0.7, 0.3])
+    got = deep_supervision_loss(dice_ce, [full, half], target, weight, [(2, 2, 2)], [0.7, 0.3])
     assert torch.allclose(got, expected)
     # a perfect coarse prediction adds (almost) nothing to a perfect full-resolution one
     perfect = F.one_hot(target, 3).movedim(-1, 1).float() * 50
     coarse = F.one_hot(y, 3).movedim(-1, 1).float() * 50
-    assert float(deep_supervision_loss(cross_entropy, [perfect, coarse], target, weight, [1], [0.5, 0.5])) < 1e-6
+    assert float(deep_supervision_loss(cross_entropy, [perfect, coarse], target, weight, [(2, 2, 2)], [0.5, 0.5])) < 1e-6

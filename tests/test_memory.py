@@ -18,12 +18,12 @@ from volseg.memory import (
     activation_bytes,
     fit_to_memory,
     fit_width_to_time,
-    make_device_plan,
     step_bytes,
     step_bytes_bound,
     step_seconds,
 )
 from volseg.model import UNet3d, size_divisor
+from volseg.planning import make_device_plan
 
 GIB = 2**30
 LABELS = (("background", 0), ("a", 1), ("b", 2))
@@ -129,8 +129,8 @@ def test_patch_shrinks_along_the_physically_longest_axis_until_a_step_fits(gib):
     patch = fitted.train.patch_size
     assert fitted.train.batch_size == 2
     assert step_bytes(cfg.model, patch, 2) <= 0.7 * gib * GIB
-    assert all(p % size_divisor(cfg.model) == 0 for p in patch)
-    assert patch[0] < 160 and patch[0] * 2.0 >= max(patch[1], patch[2]) - size_divisor(cfg.model)  # thick axis first
+    assert all(p % d == 0 for p, d in zip(patch, size_divisor(cfg.model)))
+    assert patch[0] < 160 and patch[0] * 2.0 >= max(patch[1], patch[2]) - size_divisor(cfg.model)[0]  # thick axis first
     assert dataclasses.replace(fitted, train=cfg.train) == cfg  # nothing else changed
 
 
@@ -141,7 +141,7 @@ def test_a_device_too_small_for_any_patch_is_a_clear_error():
 
 def test_device_plan_records_the_memory_in_the_fingerprint(tiny_dataset):
     from volseg import io
-    from volseg.train import data_config_from_dataset
+    from volseg.planning import data_config_from_dataset
 
     info, cases = io.read_dataset(tiny_dataset)
     cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, torch.device("cpu"))

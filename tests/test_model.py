@@ -75,7 +75,7 @@ def test_valid_output_size_depth2_by_hand(size, expected):
 
 def test_valid_output_size_same_padding():
     cfg = ModelConfig(depth=4, padding="same")
-    assert size_divisor(cfg) == 8
+    assert size_divisor(cfg) == (8, 8, 8)
     assert valid_output_size(cfg, 24) == 24
     assert valid_output_size(cfg, 20) == 0
 
@@ -240,3 +240,64 @@ def test_output_bias_prior_reaches_every_head():
     net = UNet3d(tiny(depth=4, base_width=2, num_classes=3, deep_supervision=True))
     net.init_output_bias([0.9, 0.05, 0.05])
     assert torch.allclose(net.aux_heads[0].bias, net.head.bias)
+
+
+# ---- per-level kernels and pooling (thick-slice data) ------------------------------------------------
+
+ANISO = dict(depth=4, kernel_sizes=((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3)),
+             pool_sizes=((2, 2, 1), (2, 2, 1), (2, 2, 2)))
+
+
+def test_anisotropic_network_keeps_the_input_size_and_pools_the_thick_axis_late():
+    cfg = tiny(in_channels=2, num_classes=3, **ANISO)
+    assert size_divisor(cfg) == (8, 8, 2)
+    out = forward(cfg, (1, 2, 32, 24, 6))  # 6 slices: 2x2x2 pooling three times would need 8
+    assert out.shape == (1, 3, 32, 24, 6)
+    net = UNet3d(cfg)
+    assert net.encoders[0][0].weight.shape[2:] == (3, 3, 1) and net.encoders[2][0].weight.shape[2:] == (3, 3, 3)
+    assert net.ups[-1].weight.shape[2:] == (2, 2, 1)  # the finest up-convolution undoes a 2x2x1 pooling
+
+
+def test_anisotropic_network_refuses_sizes_off_its_divisors():
+    with pytest.raises(VolsegError, match=r"multiple of \(8, 8, 2\)"):
+        forward(tiny(**ANISO), (1, 1, 32, 24, 5))
+
+
+def test_anisotropic_valid_padding_forward_matches_arithmetic():
+    cfg = tiny(padding="valid", depth=3, kernel_sizes=((3, 3, 1), (3, 3, 3), (3, 3, 3)), pool_sizes=((2, 2, 1), (2, 2, 2)))
+    shape = (1, 1, 44, 52, 22)
+    expected = tuple(valid_output_size(cfg, s, axis) for axis, s in enumerate(shape[2:]))
+    assert expected[2] > 0 and all(e > 0 for e in expected)
+    assert forward(cfg, shape).shape == (1, 2, *expected)
+    assert valid_input_size(cfg, 1, axis=2) < valid_input_size(cfg, 1, axis=0)  # 1-voxel kernels shrink nothing
+
+
+def test_anisotropic_deep_supervision_heads_match_their_level():
+    cfg = tiny(deep_supervision=True, depth=4, kernel_sizes=ANISO["kernel_sizes"], pool_sizes=ANISO["pool_sizes"])
+    net = UNet3d(cfg)
+    outs = net(torch.zeros(1, 1, 32, 32, 8), deep=True)
+    assert [tuple(o.shape[2:]) for o in outs] == [(32, 32, 8), (16, 16, 8), (8, 8, 8)][: len(outs)]
+
+
+@pytest.mark.parametrize("bad", [dict(depth=3, kernel_sizes=((3, 3, 3),) * 2),
+                                 dict(depth=2, pool_sizes=((2, 2, 5),)),
+                                 dict(depth=2, kernel_sizes=((3, 3),) * 2)])
+def test_malformed_per_level_sizes_are_a_clear_error(bad):
+    with pytest.raises(VolsegError, match="must hold"):
+        ModelConfig(**bad)
+
+
+def test_a_model_file_from_before_per_level_pooling_loads_and_predicts_the_same():
+    """Written by volseg 8e4539b (no kernel_sizes / pool_sizes in its config); the output it gave
+    then on this input is pinned below."""
+    from pathlib import Path
+
+    from volseg.checkpoint import load_model
+
+    net, cfg = load_model(Path(__file__).parent / "data" / "model_before_per_level_pooling.safetensors")
+    assert cfg.model.kernel_sizes == () and cfg.model.pool_sizes == () and cfg.model.depth == 3
+    x = torch.linspace(-1, 1, 16**3).reshape(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        y = net(x)
+    assert float(y.abs().sum()) == pytest.approx(6400.103, rel=1e-4)
+    assert float(y[0, 1, 8, 8, 8]) == pytest.approx(-2.17767, abs=1e-4)

@@ -235,8 +235,10 @@ def test_cli_suggest_slices_end_to_end(
 ) -> None:
     run_dir, _ = trained_run
     out = tmp_path / "suggest"
+    # --diversity 0: each case's picks then follow its own scores (with spreading, a pick discounted by
+    # another case's pick at the same anatomy may come second despite a higher raw score)
     argv = ["suggest-slices", str(sparse_dataset), "-m", str(run_dir), "-o", str(out), "--top-k", "2",
-            "--min-gap", "2", "--device", "cpu", "--quiet"]  # fmt: skip
+            "--min-gap", "2", "--diversity", "0", "--device", "cpu", "--quiet"]  # fmt: skip
     assert run_cli(argv) == 0
     assert "suggested" in capsys.readouterr().out
     with open(out / "suggestions.csv", newline="") as fh:

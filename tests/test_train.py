@@ -22,6 +22,7 @@ from volseg.train import (
     SPLIT_JSON,
     class_frequencies,
     data_config_from_dataset,
+    validation_note,
     poly_lr,
     split_cases,
     train,
@@ -114,10 +115,15 @@ def test_split_cases_is_deterministic_disjoint_and_complete():
     assert any(split_cases(ids, 0.2, seed=s)[1] != val_ids for s in range(4, 10))  # the seed matters
 
 
-@pytest.mark.parametrize(("n", "fraction", "n_val"), [(2, 0.2, 1), (5, 0.2, 1), (5, 0.5, 2), (4, 0.99, 3)])
+@pytest.mark.parametrize(("n", "fraction", "n_val"), [(2, 0.2, 1), (5, 0.2, 1), (5, 0.5, 2), (4, 0.99, 3),
+                                                     (6, 0.2, 2), (9, 0.1, 2), (20, 0.2, 4)])
 def test_split_cases_sizes(n, fraction, n_val):
     train_ids, val_ids = split_cases([f"c{i}" for i in range(n)], fraction, seed=0)
     assert len(val_ids) == n_val and len(train_ids) == n - n_val  # always at least one of each
+
+
+def test_few_cases_say_what_the_validation_rests_on():
+    assert "rough guide" in validation_note(2, 6) and "rough guide" not in validation_note(4, 20)
 
 
 def test_split_cases_single_case_validates_on_itself():

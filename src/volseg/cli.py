@@ -105,28 +105,25 @@ def plan_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing plan file")] = False,
     max_minutes: Annotated[float, typer.Option(help="training budget the width is fitted to (timed on this device)")] = 60.0,
 ) -> None:
-    """Fingerprint a dataset and write an editable training plan (spacing, normalisation, patch, batch, width)."""
-    from dataclasses import replace
-
+    """Fingerprint a dataset and write an editable training plan (spacing, normalisation, patch, network, width),
+    explaining each choice in one line."""
     from volseg import io
     from volseg.inference import autocast_dtype, resolve_device
-    from volseg.memory import fit_width_to_time, make_device_plan
-    from volseg.train import data_config_from_dataset
+    from volseg.planning import plan_run
 
     if output.exists() and not overwrite:
         raise VolsegError(output, "output already exists", "pass --overwrite to replace it")
     info, cases = io.read_dataset(dataset)
     dev = resolve_device(device)
-    cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, dev)
-    cfg = replace(cfg, train=replace(cfg.train, max_minutes=max_minutes))
-    cfg, timing = fit_width_to_time(cfg, max_minutes, dev, autocast_dtype(dev))
-    fingerprint = {**fingerprint, **timing}
+    cfg, fingerprint, reasons = plan_run(info, cases, dev, max_minutes=max_minutes, amp_dtype=autocast_dtype(dev))
     from volseg.report import write_json
 
     write_json(output, {"config": json.loads(cfg.to_json()), "fingerprint": fingerprint})
     t = cfg.train
     _echo(f"{len(cases)} cases; target spacing {cfg.data.spacing} mm; normalisation {cfg.data.channel_methods}; "
           f"patch {t.patch_size}, batch {t.batch_size}, depth {cfg.model.depth}, width {cfg.model.base_width}")
+    for line in reasons:
+        _echo(f"  - {line}")
     _echo(f"plan written to {output}; train with `volseg train {dataset} -o RUN --plan {output}`")
 
 
@@ -230,11 +227,22 @@ def synth(
     touching: Annotated[bool, typer.Option(help="place objects so that some touch")] = True,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing folder")] = False,
+    kind: Annotated[str, typer.Option(help="blobs (phantoms shaped by --shape/--spacing/--classes/--channels) or "
+                                           "lesions (thick-slice T1c + FLAIR brain MRI with tumours, 0.5 x 0.5 x 5-7 mm)")] = "blobs",
+    in_plane: Annotated[int, typer.Option(help="lesions: pixels across the 256 mm field of view (512 = 0.5 mm)")] = 512,
 ) -> None:
     """Write a seeded synthetic dataset in the nnU-Net layout."""
     from volseg import synthetic
 
+    if kind not in ("blobs", "lesions"):
+        raise VolsegError(None, f"unknown --kind {kind!r}", "use blobs or lesions")
     _refuse_existing(output, overwrite)
+    if kind == "lesions":
+        from volseg.synthetic_lesions import write_lesion_dataset
+
+        write_lesion_dataset(output, n_cases=cases, n_test=test_cases, seed=seed, in_plane=in_plane)
+        _echo(f"wrote {cases} training and {test_cases} test cases to {output}")
+        return
     synthetic.write_dataset(
         output, n_cases=cases, shape_vox=_parse_triple(shape, "--shape", int),
         spacing_mm=_parse_triple(spacing, "--spacing", float), n_classes=classes, n_channels=channels,

@@ -65,6 +65,19 @@ class ModelConfig:
     # extra 1x1x1 heads on the coarser decoder levels, trained on downsampled labels (nnU-Net's deep
     # supervision); prediction reads the full-resolution head only
     deep_supervision: bool = False
+    # Per level, (I, J, K): convolution kernels (`depth` entries) and the pooling after each level but
+    # the last (`depth - 1` entries, also the up-convolutions' kernel and stride). Empty means the 3D
+    # U-Net's 3x3x3 kernels and 2x2x2 pooling at every level; thick-slice data gets 1x3x3 kernels and
+    # 2x2x1 pooling where its coarse axis is still much coarser (`volseg.planning.plan_network`).
+    kernel_sizes: tuple[tuple[int, int, int], ...] = ()
+    pool_sizes: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, n, allowed in (("kernel_sizes", self.depth, (1, 3, 5, 7)), ("pool_sizes", self.depth - 1, (1, 2, 3, 4))):
+            value = getattr(self, name)
+            if value and (len(value) != n or any(len(v) != 3 or any(k not in allowed for k in v) for v in value)):
+                raise VolsegError(None, f"model {name} must hold {n} (I, J, K) triples of {allowed} for depth "
+                                        f"{self.depth}, got {value}")
 
 
 @dataclass(frozen=True)

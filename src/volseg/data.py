@@ -25,6 +25,9 @@ from volseg.sampling import crop_pad, random_patch_start
 from volseg.weights import weight_map
 
 _MAX_FG_VOXELS = 20_000  # per class and case: enough positions to oversample from
+# A forced-foreground voxel lies this far (share of the patch) inside an augmented patch's faces: a
+# point in the central half stays inside under the default rotation (30 deg) and zoom (up to 1.4x).
+FG_INNER = 0.25
 
 
 @dataclass
@@ -170,15 +173,16 @@ def sample_patch(
     the network is not taught what lies beyond the scan. With `region` (larger than `patch`), the
     region centred on the chosen patch is cut instead, for augmentation to resample from.
     """
-    center = None
+    center, inner = None, 0.0
     classes = [c for c, pos in case.fg_voxels.items() if len(pos)]
     if force_fg and classes:
-        pos = case.fg_voxels[classes[rng.integers(len(classes))]]
+        pos = case.fg_voxels[classes[rng.integers(len(classes))]]  # each class as often, however small
         center = pos[rng.integers(len(pos))]
+        inner = FG_INNER  # in the central half: an augmented (rotated, zoomed) patch still holds the object
     elif case.labelled_voxels is not None and len(case.labelled_voxels):
         center = case.labelled_voxels[rng.integers(len(case.labelled_voxels))]
     shape = case.label.shape
-    start = random_patch_start(shape, patch, rng, center)
+    start = random_patch_start(shape, patch, rng, center, inner)
     size = tuple(patch)
     if region is not None:
         start = tuple(s - (r - p) // 2 for s, r, p in zip(start, region, patch))

@@ -494,7 +494,8 @@ def _model_card(run_dir: Path, cfg: Config, fingerprint: dict, rows: list[dict[s
             break
     items += [
         ("network", f"3D U-Net, depth {model.depth}, base width {model.base_width} (max {model.max_width}), "
-                    f"{model.norm} norm, {model.padding} padding"),
+                    f"{model.norm} norm, {model.padding} padding"
+                    + (f", poolings {[list(p) for p in model.pool_sizes]}" if model.pool_sizes else "")),
         ("inputs / outputs", f"{model.in_channels} channel(s) in, {model.num_classes} classes out"),
     ]  # fmt: skip
     if n_params is not None:

@@ -55,7 +55,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def output_window(cfg: Config, patch: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Output size per window and the margin cut off on each side (non-zero only with valid padding)."""
-    out = tuple(valid_output_size(cfg.model, p) for p in patch)
+    out = tuple(valid_output_size(cfg.model, p, axis) for axis, p in enumerate(patch))
     if 0 in out:
         raise VolsegError(None, f"patch size {tuple(patch)} does not fit the network (depth {cfg.model.depth})")
     return out, tuple((p - o) // 2 for p, o in zip(patch, out))

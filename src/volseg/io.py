@@ -1066,3 +1066,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a whole text file atomically."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def write_dataset_json(root: str | os.PathLike, name: str, channel_names: Sequence[str], labels: dict[str, int],
+                       n_training: int, description: str, **extra: Any) -> Path:
+    """Write an nnU-Net v2 dataset.json (channels by index, labels by name, .nii.gz files) atomically."""
+    path = Path(root) / "dataset.json"
+    dataset = {"name": name, "channel_names": {str(c): n for c, n in enumerate(channel_names)}, "labels": labels,
+               "numTraining": int(n_training), "file_ending": ".nii.gz", "description": description, **extra}
+    write_text_atomic(path, json.dumps(dataset, indent=2) + "\n")
+    return path

@@ -88,9 +88,9 @@ def bce_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
 
 
 def downsample_targets(
-    target: torch.Tensor, weight: torch.Tensor | None, factor: int, num_classes: int
+    target: torch.Tensor, weight: torch.Tensor | None, factor: int | tuple[int, int, int], num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class indices and weights on a grid `factor` times coarser, for a deep-supervision head.
+    """Class indices and weights on a grid `factor` times coarser (per axis if a triple), for a deep-supervision head.
 
     Each coarse voxel takes the majority class of the labelled fine voxels it covers and their mean
     weight (labelled or not), so a single annotated slice of a sparse volume still reaches the
@@ -111,16 +111,17 @@ def downsample_targets(
 
 def deep_supervision_loss(
     loss_fn: LossFn, outputs: list[torch.Tensor], target: torch.Tensor, weight: torch.Tensor | None,
-    levels: list[int], level_weights: list[float],
+    factors: list[tuple[int, int, int]], level_weights: list[float],
 ) -> torch.Tensor:
     """Weighted sum of `loss_fn` on the full-resolution logits and on each coarser level's logits.
 
-    `levels[i]` is the pooling level of `outputs[i + 1]` (level l is 2**l times coarser).
+    `factors[i]` is how many voxels along I, J, K one voxel of `outputs[i + 1]` spans
+    (`volseg.model.level_scales`: (2, 2, 2) per level, or less along a thick axis).
     """
     total = level_weights[0] * loss_fn(outputs[0].float(), target, weight)
     num_classes = outputs[0].shape[1]
-    for logits, level, lw in zip(outputs[1:], levels, level_weights[1:]):
-        y, w = downsample_targets(target, weight, 2**level, num_classes)
+    for logits, factor, lw in zip(outputs[1:], factors, level_weights[1:]):
+        y, w = downsample_targets(target, weight, factor, num_classes)
         total = total + lw * loss_fn(logits.float(), y, w)
     return total
 

@@ -28,8 +28,7 @@ from volseg import io
 from volseg.config import Config, DataConfig, ModelConfig
 from volseg.errors import VolsegError
 from volseg.losses import LossFn, deep_supervision_loss, get_loss
-from volseg.model import UNet3d, center_crop, deep_supervision_weights, level_widths, size_divisor, valid_input_size
-from volseg.planning import make_plan
+from volseg.model import UNet3d, center_crop, deep_supervision_weights, level_scales, level_widths, size_divisor, valid_input_size
 
 # Share of the device's memory a training step may plan for. On a CPU the real peak of a step was
 # 1.3-1.7 times `step_bytes` (backward scratch and gradients; tests/test_memory.py checks < 2x),
@@ -49,8 +48,8 @@ def _meta_unet(model_cfg: ModelConfig) -> UNet3d:
 def step_bytes_bound(model_cfg: ModelConfig, patch: Sequence[int], batch: int) -> int:
     """A cheap upper bound of `step_bytes` (2-5x above it), to skip the exact count for small plans.
 
-    Level l has 8^-l of the voxels and at most 2^l times the base width, so all levels together hold
-    less than 4/3 of the full-resolution level; its saved tensors come to about 16 float32 values per
+    Level l has 8^-l of the voxels (4^-l where a thick axis is not pooled) and at most 2^l times the
+    base width, so all levels together hold less than 4/3 (2) of the full-resolution level; its saved tensors come to about 16 float32 values per
     voxel and base channel (measured with `activation_bytes`), bounded here by 64. Inputs and
     logits scale with the channel and class counts instead. Each level's convolutions hold fewer
     than 200 w^2 weights (27 (w^2 + w^2 + 2w^2 + w^2) plus the up-convolution), 12 bytes each with
@@ -104,10 +103,11 @@ def device_memory_bytes(device: torch.device) -> int | None:
 def _shrink(model_cfg: ModelConfig, patch: tuple[int, int, int], spacing: Sequence[float]) -> tuple[int, int, int] | None:
     """The patch a pooling divisor shorter along its physically longest shrinkable axis; None at the floor
     (two divisors: the bottleneck keeps at least 2 voxels along the axis, as instance norm needs)."""
-    div = size_divisor(model_cfg)
+    divs = size_divisor(model_cfg)
     options = []
     for axis in range(3):
-        size = valid_input_size(model_cfg, patch[axis] - div) if patch[axis] - div >= 2 * div else patch[axis]
+        div = divs[axis]
+        size = valid_input_size(model_cfg, patch[axis] - div, axis) if patch[axis] - div >= 2 * div else patch[axis]
         if size < patch[axis]:
             options.append((patch[axis] * spacing[axis], patch[axis], axis, size))
     if not options:
@@ -152,13 +152,6 @@ def fit_to_memory(cfg: Config, memory_bytes: int | None, device_type: str) -> tu
     return fitted, {**info, "step_memory_gib": round(need / 2**30, 3)}
 
 
-def make_device_plan(data: DataConfig, cases: Sequence[io.Case], device: torch.device) -> tuple[Config, dict[str, Any]]:
-    """`planning.make_plan` for this device, with its patch and batch fitted to the device's memory."""
-    cfg, fingerprint = make_plan(data, cases, device.type)
-    cfg, info = fit_to_memory(cfg, device_memory_bytes(device), device.type)
-    return cfg, {**fingerprint, **info}
-
-
 # Training steps a time budget must leave for the planned width to stay. Measured on MSD Hippocampus
 # with 60 CPU minutes (2 cores): width 16 got about 4,800 steps and a held-out Dice of 0.859-0.866
 # in four runs; width 8 got about 9,700 steps and 0.872-0.876 in three. With the 32x48x32 patch
@@ -182,7 +175,9 @@ def batch_loss(
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(x, deep=True) if net.aux_levels else model(x)
     if net.aux_levels:
-        return deep_supervision_loss(loss_fn, out, y, w, net.aux_levels, deep_supervision_weights(net.cfg))
+        scales = level_scales(net.cfg)
+        return deep_supervision_loss(loss_fn, out, y, w, [scales[level] for level in net.aux_levels],
+                                     deep_supervision_weights(net.cfg))
     size = tuple(out.shape[2:])
     return loss_fn(out.float(), center_crop(y, size), center_crop(w, size))
 
@@ -211,6 +206,11 @@ def step_seconds(cfg: Config, device: torch.device, amp_dtype: torch.dtype | Non
     t = time.perf_counter()
     step()
     return time.perf_counter() - t
+
+
+def budget_steps(minutes: float, seconds: float) -> int:
+    """Training steps of `seconds` that a budget of `minutes` holds (validation and preprocessing take the rest)."""
+    return int(_BUDGET_SHARE * minutes * 60 / max(seconds, 1e-9))
 
 
 def fit_width_to_time(

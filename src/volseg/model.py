@@ -4,6 +4,11 @@ Analysis path: per level two 3x3x3 convolutions, each followed by optional norma
 then 2x2x2 max-pooling. Synthesis path: 2x2x2 transposed convolution, concatenation with the skip
 connection, two 3x3x3 convolutions. A 1x1x1 convolution gives one logit per class. With deep
 supervision, more 1x1x1 heads give logits at coarser decoder levels during training.
+
+Thick-slice data gets per-level kernels and pooling (`ModelConfig.kernel_sizes` / `pool_sizes`, as
+nnU-Net plans them): a 6 mm axis beside 0.5 mm ones is not pooled, and not convolved across with
+3-voxel kernels, until the in-plane axes have been pooled to within 2x of it, so the network can
+be deep in-plane without running out of slices.
 """
 
 from __future__ import annotations
@@ -27,6 +32,36 @@ def level_widths(cfg: ModelConfig) -> list[int]:
     return [min(cfg.base_width * 2**level, cfg.max_width) for level in range(cfg.depth)]
 
 
+def level_kernels(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """Convolution kernel (I, J, K) of each level, finest first.
+
+    >>> level_kernels(ModelConfig(depth=2))
+    [(3, 3, 3), (3, 3, 3)]
+    """
+    return [tuple(k) for k in cfg.kernel_sizes] if cfg.kernel_sizes else [(3, 3, 3)] * cfg.depth  # type: ignore[misc]
+
+
+def level_pools(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """Pooling factors (I, J, K) after each level but the coarsest (also the up-convolutions' strides).
+
+    >>> level_pools(ModelConfig(depth=3, pool_sizes=((2, 2, 1), (2, 2, 2)), kernel_sizes=((3, 3, 1),) + ((3, 3, 3),) * 2))
+    [(2, 2, 1), (2, 2, 2)]
+    """
+    return [tuple(p) for p in cfg.pool_sizes] if cfg.pool_sizes else [(2, 2, 2)] * (cfg.depth - 1)  # type: ignore[misc]
+
+
+def level_scales(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """How many input voxels one voxel of each level spans along I, J, K (level 0: (1, 1, 1)).
+
+    >>> level_scales(ModelConfig(depth=3))
+    [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
+    """
+    scales = [(1, 1, 1)]
+    for pool in level_pools(cfg):
+        scales.append(tuple(s * p for s, p in zip(scales[-1], pool)))  # type: ignore[arg-type]
+    return scales
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm3d(channels, affine=True, eps=1e-5)
@@ -36,15 +71,16 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class _DoubleConv(nn.Sequential):
-    """Two (conv 3x3x3 -> norm -> ReLU) blocks; the bias is dropped where a norm follows."""
+    """Two (conv -> norm -> ReLU) blocks, 3x3x3 unless planned otherwise; the bias is dropped where a norm follows."""
 
-    def __init__(self, in_ch: int, out_ch: int, norm: str, padding: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, norm: str, same: bool, kernel: tuple[int, int, int] = (3, 3, 3)) -> None:
         bias = norm == "none"
+        padding = tuple(k // 2 for k in kernel) if same else 0
         super().__init__(
-            Conv3d(in_ch, out_ch, 3, padding=padding, bias=bias),
+            Conv3d(in_ch, out_ch, kernel, padding=padding, bias=bias),
             _norm(norm, out_ch),
             nn.ReLU(inplace=True),
-            Conv3d(out_ch, out_ch, 3, padding=padding, bias=bias),
+            Conv3d(out_ch, out_ch, kernel, padding=padding, bias=bias),
             _norm(norm, out_ch),
             nn.ReLU(inplace=True),
         )
@@ -65,7 +101,8 @@ class UNet3d(nn.Module):
     """3D U-Net returning logits of shape (B, num_classes, I', J', K').
 
     With padding "same" the output has the input's spatial size, which must then be divisible by
-    2**(depth-1). With padding "valid" the output is smaller (see `valid_output_size`).
+    `size_divisor` (2**(depth-1) per axis unless pooling is planned per axis). With padding "valid"
+    the output is smaller (see `valid_output_size`).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -77,19 +114,19 @@ class UNet3d(nn.Module):
         if cfg.depth < 1 or cfg.base_width < 1 or cfg.in_channels < 1 or cfg.num_classes < 1:
             raise VolsegError(None, f"invalid model shape {cfg}")
         self.cfg = cfg
-        pad = 1 if cfg.padding == "same" else 0
-        widths = level_widths(cfg)
+        same = cfg.padding == "same"
+        widths, kernels, pools = level_widths(cfg), level_kernels(cfg), level_pools(cfg)
         self.encoders = nn.ModuleList()
         in_ch = cfg.in_channels
-        for width in widths:
-            self.encoders.append(_DoubleConv(in_ch, width, cfg.norm, pad))
+        for width, kernel in zip(widths, kernels):
+            self.encoders.append(_DoubleConv(in_ch, width, cfg.norm, same, kernel))
             in_ch = width
-        self.pool = nn.MaxPool3d(2)
+        self.pools = nn.ModuleList(nn.MaxPool3d(pool) for pool in pools)  # no parameters: old state dicts load
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for level in range(cfg.depth - 2, -1, -1):
-            self.ups.append(nn.ConvTranspose3d(widths[level + 1], widths[level], 2, stride=2))
-            self.decoders.append(_DoubleConv(2 * widths[level], widths[level], cfg.norm, pad))
+            self.ups.append(nn.ConvTranspose3d(widths[level + 1], widths[level], pools[level], stride=pools[level]))
+            self.decoders.append(_DoubleConv(2 * widths[level], widths[level], cfg.norm, same, kernels[level]))
         self.head = nn.Conv3d(widths[0], cfg.num_classes, 1)
         if cfg.deep_supervision and cfg.padding != "same":
             raise VolsegError(None, "deep supervision needs padding 'same'", "turn one of them off")
@@ -126,7 +163,7 @@ class UNet3d(nn.Module):
         followed by the coarser levels' logits, in the order of `deep_supervision_levels`."""
         if self.cfg.padding == "same":
             div = size_divisor(self.cfg)
-            if any(s % div for s in x.shape[2:]):
+            if any(s % d for s, d in zip(x.shape[2:], div)):
                 raise VolsegError(
                     None, f"input size {tuple(x.shape[2:])} is not a multiple of {div} (depth {self.cfg.depth})",
                     "pad the input or use volseg.inference.sliding_window",
@@ -136,7 +173,7 @@ class UNet3d(nn.Module):
             x = enc(x)
             if level < len(self.encoders) - 1:
                 skips.append(x)
-                x = self.pool(x)
+                x = self.pools[level](x)
         aux: dict[int, torch.Tensor] = {}
         for i, (up, dec) in enumerate(zip(self.ups, self.decoders)):
             x = up(x)
@@ -174,36 +211,42 @@ def deep_supervision_weights(cfg: ModelConfig) -> list[float]:
     return [w / sum(raw) for w in raw]
 
 
-def size_divisor(cfg: ModelConfig) -> int:
-    """Spatial sizes must be multiples of this with "same" padding (one halving per pooling)."""
-    return 2 ** (cfg.depth - 1)
+def size_divisor(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Spatial sizes (I, J, K) must be multiples of these with "same" padding (the product of the poolings).
+
+    >>> size_divisor(ModelConfig(depth=4))
+    (8, 8, 8)
+    """
+    return level_scales(cfg)[-1]
 
 
-def valid_output_size(cfg: ModelConfig, size: int) -> int:
-    """Output length along one axis for an input of `size` voxels; 0 if the input is too small.
+def valid_output_size(cfg: ModelConfig, size: int, axis: int = 0) -> int:
+    """Output length along `axis` for an input of `size` voxels; 0 if the input is too small.
 
     >>> valid_output_size(ModelConfig(depth=4, padding="valid"), 132)
     44
     """
     if cfg.padding == "same":
-        return size if size % size_divisor(cfg) == 0 else 0
-    for _ in range(cfg.depth - 1):
-        size -= 4
-        if size <= 0 or size % 2:
+        return size if size % size_divisor(cfg)[axis] == 0 else 0
+    kernels = [k[axis] for k in level_kernels(cfg)]
+    pools = [p[axis] for p in level_pools(cfg)]
+    for kernel, pool in zip(kernels, pools):
+        size -= 2 * (kernel - 1)
+        if size <= 0 or size % pool:
             return 0
-        size //= 2
-    size -= 4
-    for _ in range(cfg.depth - 1):
-        size = size * 2 - 4
+        size //= pool
+    size -= 2 * (kernels[-1] - 1)
+    for kernel, pool in zip(kernels[-2::-1], pools[::-1]):
+        size = size * pool - 2 * (kernel - 1)
         if size <= 0:
             return 0
     return max(size, 0)
 
 
-def valid_input_size(cfg: ModelConfig, min_size: int) -> int:
-    """Smallest input length >= `min_size` that the network accepts (any padding)."""
+def valid_input_size(cfg: ModelConfig, min_size: int, axis: int = 0) -> int:
+    """Smallest input length >= `min_size` along `axis` that the network accepts (any padding)."""
     size = max(min_size, 1)
-    while valid_output_size(cfg, size) == 0:
+    while valid_output_size(cfg, size, axis) == 0:
         size += 1
     return size
 

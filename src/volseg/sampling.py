@@ -11,15 +11,20 @@ import numpy as np
 
 
 def random_patch_start(
-    shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator, center: Sequence[int] | None = None
+    shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator, center: Sequence[int] | None = None,
+    inner: float = 0.0,
 ) -> tuple[int, ...]:
     """Start corner of a random patch; if `center` is given the patch contains that voxel.
 
-    Starts may be negative or run past the end when the volume is smaller than the patch; `crop_pad`
-    pads those parts.
+    With `inner` > 0 the voxel lies at least `inner` of the patch away from its faces (0.25: in the
+    central half) where the volume allows, so that rotation and zoom about the patch centre cannot carry a small object out
+    of an augmented patch. Starts may be negative or run past the end when the volume is smaller
+    than the patch; `crop_pad` pads those parts.
 
     >>> random_patch_start((10, 10, 10), (10, 10, 10), np.random.default_rng(0))
     (0, 0, 0)
+    >>> random_patch_start((100, 100, 100), (9, 9, 9), np.random.default_rng(0), (50, 50, 50), inner=0.5)
+    (46, 46, 46)
     """
     starts = []
     for axis, (size, p) in enumerate(zip(shape, patch)):
@@ -27,9 +32,12 @@ def random_patch_start(
             lo, hi = min(0, size - p), max(0, size - p)
         else:
             c = int(center[axis])
-            # keep the centre inside the patch and, where possible, the patch inside the volume
-            lo = max(c - p + 1, min(0, size - p))
-            hi = min(c, max(0, size - p))
+            m = min(int(inner * p), (p - 1) // 2)
+            # keep the centre inside the patch (`m` voxels from its faces) and, where possible, the patch inside the volume
+            lo = max(c - p + 1 + m, min(0, size - p))
+            hi = min(c - m, max(0, size - p))
+            if lo > hi:  # near the volume's edge: staying inside the volume beats the margin
+                lo, hi = max(c - p + 1, min(0, size - p)), min(c, max(0, size - p))
             if lo > hi:
                 lo = hi = c - p // 2
         starts.append(int(rng.integers(lo, hi + 1)))

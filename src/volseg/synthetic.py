@@ -380,7 +380,7 @@ def write_dataset(
     be regenerated alone; test cases continue the numbering (i = n_cases .. n_cases + n_test - 1) and go
     to imagesTs/ and labelsTs/. Images are one file per channel (``case_000_0000.nii.gz``).
     """
-    from volseg.io import write_text_atomic, write_volume  # one layer below; lazy so make_phantom needs no io
+    from volseg.io import write_dataset_json, write_volume  # one layer below; lazy so make_phantom needs no io
 
     shape, spacing = _check_params(shape_vox, spacing_mm, n_classes, n_channels, noise, bias, None)
     _check_int("n_cases", n_cases, 1)
@@ -423,16 +423,9 @@ def write_dataset(
                 write_volume(out / labels_dir / f"{name}.nii.gz", label, affine=affine)
                 bar.update(1)
 
-    dataset = {
-        "name": "volseg-synthetic",
-        "channel_names": {str(c): f"ch{c}" for c in range(n_channels)},
-        "labels": {"background": 0, **{f"class{v}": v for v in range(1, n_classes)}},
-        "numTraining": int(n_cases),
-        "file_ending": ".nii.gz",
-        "description": "volseg synthetic phantoms: " + json.dumps(params, sort_keys=True),
-        "generator_params": params,
-    }
-    write_text_atomic(out / "dataset.json", json.dumps(dataset, indent=2) + "\n")
+    write_dataset_json(out, "volseg-synthetic", [f"ch{c}" for c in range(n_channels)],
+                       {"background": 0, **{f"class{v}": v for v in range(1, n_classes)}}, n_cases,
+                       "volseg synthetic phantoms: " + json.dumps(params, sort_keys=True), generator_params=params)
     return out
 
 

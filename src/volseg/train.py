@@ -36,7 +36,8 @@ from volseg.inference import (
 )
 from volseg.losses import SIGMOID_LOSSES, get_loss
 from volseg.model import UNet3d
-from volseg.memory import batch_loss, fit_width_to_time, make_device_plan
+from volseg.memory import batch_loss
+from volseg.planning import apply_overrides, data_config_from_dataset, plan_run
 from volseg.preprocessing import encode_labels
 
 METRICS_CSV = "metrics.csv"
@@ -44,6 +45,11 @@ PLAN_JSON = "plan.json"
 CONFIG_JSON = "config.json"
 SPLIT_JSON = "split.json"
 EpochCallback = Callable[[Path, dict[str, Any]], None]
+# Few cases: below FEW_CASES the log says how little the validation figure rests on; from
+# MIN_CASES_FOR_TWO_VAL cases on, at least MIN_VAL_CASES validate (the rest, four or more, train).
+FEW_CASES = 10
+MIN_VAL_CASES = 2
+MIN_CASES_FOR_TWO_VAL = 6
 
 
 # The tensors handed to gloo collectives, one per length, kept for the whole process. gloo's
@@ -184,9 +190,23 @@ def split_cases(
     if len(ids) < 2:
         return ids, ids  # one case: validate on the training case rather than on nothing
     n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
+    if len(ids) >= MIN_CASES_FOR_TWO_VAL:
+        n_val = max(n_val, MIN_VAL_CASES)  # 20% of a few cases is one case: a single scan's Dice is noise
     perm = np.random.default_rng(seed).permutation(len(ids))
     val = sorted(ids[i] for i in perm[:n_val])
     return [i for i in ids if i not in set(val)], val
+
+
+def validation_note(n_val: int, n_cases: int) -> str:
+    """What the validation figure rests on, for the log: with few cases it is a rough guide only.
+
+    >>> validation_note(2, 6)
+    'validation on 2 of 6 cases: with fewer than 10 cases the validation Dice is a rough guide (one case moves it a lot)'
+    """
+    text = f"validation on {n_val} of {n_cases} cases"
+    if n_cases < FEW_CASES:
+        text += f": with fewer than {FEW_CASES} cases the validation Dice is a rough guide (one case moves it a lot)"
+    return text
 
 
 def poly_lr(base_lr: float, progress: float, exponent: float) -> float:
@@ -222,15 +242,6 @@ def class_frequencies(cases: list[CaseData], num_classes: int) -> np.ndarray:
                 label = label[np.asarray(case.weight[a : a + rows]) > 0]
             counts += np.bincount(label.ravel(), minlength=num_classes)[:num_classes]
     return counts / max(counts.sum(), 1.0)
-
-
-def data_config_from_dataset(info: io.DatasetInfo) -> DataConfig:
-    return DataConfig(
-        channel_names=info.channel_names,
-        labels=info.labels,
-        ignore_label=info.ignore_label,
-        file_ending=info.file_ending,
-    )
 
 
 @torch.inference_mode()
@@ -367,27 +378,26 @@ def _train(
             if stale_tmp.is_file():
                 stale_tmp.unlink(missing_ok=True)
 
-    # ---- data -------------------------------------------------------------------------------
+    # ---- plan -------------------------------------------------------------------------------
     if resume:
         _, cfg, _ = read_model_file(out / MODEL_LAST)
-    elif plan is not None:
-        cfg = _read_plan(Path(plan))
-        fingerprint = None
+        cfg = _resume_overrides(cfg, overrides or {}, max_minutes)
     else:
-        cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, dev)
-    if not resume:
-        cfg = _apply_overrides(cfg, overrides or {}, seed, max_minutes)
-        if plan is None and (overrides or {}).get("model", {}).get("base_width") is None:
-            # the width the budget can afford, timed with the final patch and batch on this device
-            cfg, timing = fit_width_to_time(cfg, cfg.train.max_minutes, dev, autocast_dtype(dev),
-                                            agree=lambda s: float(dist.max_([s])[0]) if dist.enabled else s)
-            fingerprint = {**(fingerprint or {}), **timing}
+        if plan is not None:
+            cfg = apply_overrides(_read_plan(Path(plan)), overrides or {}, seed, max_minutes)
+            fingerprint: dict[str, Any] | None = None
+        else:
+            cfg, fingerprint, reasons = plan_run(info, cases, dev, overrides, seed, max_minutes, autocast_dtype(dev),
+                                                 agree=lambda s: float(dist.max_([s])[0]) if dist.enabled else s)
+            if progress:
+                from tqdm import tqdm
+
+                for line in reasons:
+                    tqdm.write(f"plan: {line}")
         if cfg.model.in_channels != len(info.channel_names) or cfg.data.class_values != data_config_from_dataset(info).class_values:
             raise VolsegError(plan or dataset, "plan does not match the dataset's channels or labels")
         if dist.main:
             io.write_text_atomic(out / PLAN_JSON, json.dumps({"config": json.loads(cfg.to_json()), "fingerprint": fingerprint}, indent=2))
-    else:
-        cfg = _resume_overrides(cfg, overrides or {}, max_minutes)
     cache = out / "preprocessed"
     iterator = cases
     if progress:
@@ -405,7 +415,13 @@ def _train(
     train_ids, val_ids = split_cases(list(prepared), tc.val_fraction, tc.seed, tc.fold, tc.folds)
     if dist.main:
         io.write_text_atomic(out / CONFIG_JSON, cfg.to_json())
-        io.write_text_atomic(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids}, indent=1))
+        io.write_text_atomic(out / SPLIT_JSON, json.dumps(
+            {"train": train_ids, "val": val_ids, "note": validation_note(len(val_ids), len(prepared))}, indent=1))
+    if progress:
+        from tqdm import tqdm
+
+        named = f" ({', '.join(val_ids)})" if len(val_ids) <= 5 else ""
+        tqdm.write(validation_note(len(val_ids), len(prepared)) + named)
     train_cases = [c for c in (prepared[i] for i in train_ids) if c.labelled_voxels is None or len(c.labelled_voxels)]
     if not train_cases:
         raise VolsegError(dataset, "no training case has any labelled voxel")
@@ -469,7 +485,9 @@ def _train(
                 if step == 0:
                     epoch_t0 = elapsed  # from the synced clock, so every rank ends the epoch at the same step
                 epoch_s = elapsed - epoch_t0
-                epoch_done = step >= iters if iters else step >= 10 and epoch_s >= epoch_target_s
+                # an epoch also lasts at least 4x the last validation, so that whole-volume validation
+                # of large cases (512-wide MRI: half a minute) takes at most a fifth of the budget
+                epoch_done = step >= iters if iters else step >= 10 and epoch_s >= max(epoch_target_s, 4 * val_s)
                 if step and (over_budget or epoch_done):
                     break
                 frac = max(epoch / tc.max_epochs, elapsed / budget_s if budget_s > 0 else 0)
@@ -501,7 +519,7 @@ def _train(
                 bar.close()
         tv = time.monotonic()
         val = validate(net, cfg, val_cases, dev, dense, dist)
-        val_s = time.monotonic() - tv
+        val_s = float(dist.max_([time.monotonic() - tv])[0])  # the same on every rank: it sets the epoch's end
         epoch += 1
         train_s = tv - epoch_start
         row = {
@@ -613,26 +631,3 @@ def _resume_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], max_min
     if max_minutes is not None:
         values["max_minutes"] = max_minutes
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **values))
-
-
-def _apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], seed: int | None, max_minutes: float | None) -> Config:
-    """Planned defaults, then user overrides, checked against the dataclass fields."""
-    sections = {}
-    for name in ("data", "model", "train", "infer", "augment"):
-        section = getattr(cfg, name)
-        values = dict(overrides.get(name, {}))
-        if name == "train":
-            if seed is not None:
-                values["seed"] = seed
-            if max_minutes is not None:
-                values["max_minutes"] = max_minutes
-        known = {f.name for f in dataclasses.fields(section)}
-        unknown = set(values) - known
-        if unknown:
-            raise VolsegError(None, f"unknown {name} option(s): {', '.join(sorted(unknown))}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
-        sections[name] = dataclasses.replace(section, **values)
-    unknown_sections = set(overrides) - set(sections)
-    if unknown_sections:
-        raise VolsegError(None, f"unknown config section(s): {', '.join(sorted(unknown_sections))}")
-    return Config(**sections)

@@ -1,0 +1,161 @@
+"""volseg against nnU-Net v2 at equal wall time, on more than one dataset, in one run.
+
+For each dataset the same training cases go to three arms, each given the same training budget:
+volseg with its planned defaults (`volseg train --max-minutes M`; the budget includes its planning
+and preprocessing), nnU-Net 3d_fullres with its own plans and defaults (epochs and iterations cut
+to the budget), and nnU-Net with its plans.json reduced to fit a CPU (`_nnunet.py`). Every arm
+predicts the same held-out cases without test-time mirroring, and `volseg evaluate` scores all of
+them, so the three numbers differ only by what was trained. The better nnU-Net arm is the one to
+beat: `ratio_to_nnunet` = volseg's mean foreground Dice / that arm's.
+
+Datasets:
+- `hippocampus`: MSD Task04 (`../shared/data`), the fixed 80/20 split of `benchmarks/hippocampus.py`;
+- `lesions`: `volseg synth --kind lesions` (two-channel T1c + FLAIR brain MRI, 0.5 x 0.5 x 5-7 mm,
+  512-wide slices, 20-30 slices, 6 training and 4 test volumes, lesions of 0.5-10 cm^3), one dataset
+  per `--lesion-seeds` value.
+
+    python benchmarks/generalisation.py --minutes 10 --out bench_out/generalisation
+
+needs the `bench` extra's nnunetv2 (see `_nnunet.py`). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_DATA, VOLSEG, dice_per_class, run, split_dataset  # noqa: E402
+
+
+def lesion_dataset(out: Path, seed: int, n_train: int, n_test: int) -> tuple[Path, Path, Path]:
+    """A synthetic thick-slice two-channel set: training dataset, test images, test labels."""
+    data = out / "dataset"
+    if not (data / "dataset.json").exists():
+        run(VOLSEG + ["synth", "-o", str(data), "--kind", "lesions", "--cases", str(n_train),
+                      "--test-cases", str(n_test), "--seed", str(seed)])
+    return data, data / "imagesTs", data / "labelsTs"
+
+
+def test_images(folder: Path, ending: str) -> dict[str, list[Path]]:
+    """Case id -> channel files (`<case>_<CCCC><ending>`) of a folder of test images."""
+    cases: dict[str, list[Path]] = {}
+    for path in sorted(folder.glob(f"*{ending}")):
+        cases.setdefault(path.name[: -len(ending)].rsplit("_", 1)[0], []).append(path)
+    return cases
+
+
+def score(pred: Path, labels: Path, dataset_json: Path, out_csv: Path) -> dict[str, float]:
+    """Mean Dice per foreground label, by `volseg evaluate` (the same code for every arm)."""
+    run(VOLSEG + ["evaluate", str(pred), str(labels), "-o", str(out_csv), "--dataset-json", str(dataset_json)])
+    return dice_per_class(out_csv)
+
+
+def mean(dice: dict[str, float]) -> float:
+    return round(float(np.mean(list(dice.values()))), 4) if dice else 0.0
+
+
+def volseg_arm(train_ds: Path, test_img: Path, test_lbl: Path, out: Path, minutes: float, seed: int,
+               extra: list[str]) -> dict:
+    run_dir, pred = out / "volseg_run", out / "volseg_pred"
+    for folder in (run_dir, pred):
+        if folder.exists():
+            shutil.rmtree(folder)
+    train_s = run(VOLSEG + ["train", str(train_ds), "-o", str(run_dir), "--max-minutes", str(minutes),
+                            "--seed", str(seed), *extra])
+    predict_s = run(VOLSEG + ["predict", "-m", str(run_dir), "-i", str(test_img), "-o", str(pred)])
+    dice = score(pred, test_lbl, train_ds / "dataset.json", out / "volseg_metrics.csv")
+    plan = json.loads((run_dir / "plan.json").read_text())
+    model, train = plan["config"]["model"], plan["config"]["train"]
+    return {"dice": mean(dice), "dice_per_class": dice, "train_minutes": round(train_s / 60, 2),
+            "predict_minutes": round(predict_s / 60, 2), "patch_size": train["patch_size"],
+            "base_width": model["base_width"], "depth": model["depth"], "pool_sizes": model["pool_sizes"],
+            "target_spacing": plan["config"]["data"]["spacing"], "plan": plan["fingerprint"].get("reasons", [])}
+
+
+def nnunet_arm(variant: str, train_ds: Path, train_ids: list[str], test_img: Path, test_lbl: Path, out: Path,
+               minutes: float, seed: int) -> dict:
+    from _nnunet import train_and_predict
+
+    ending = json.loads((train_ds / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+    work = out / f"nnunet_{variant}"
+    if work.exists():
+        shutil.rmtree(work)
+    t = time.monotonic()
+    try:
+        info = train_and_predict(train_ds, train_ids, test_images(test_img, ending), work, minutes, variant, seed=seed)
+    except Exception as exc:  # an arm that cannot train in the budget scores 0, and says why
+        print(f"nnU-Net {variant} failed: {exc}", flush=True)
+        return {"dice": 0.0, "error": str(exc)[-2000:], "wall_minutes": round((time.monotonic() - t) / 60, 2)}
+    dice = score(Path(info["pred_dir"]), test_lbl, train_ds / "dataset.json", out / f"nnunet_{variant}_metrics.csv")
+    return {"dice": mean(dice), "dice_per_class": dice, **{k: v for k, v in info.items() if k != "pred_dir"}}
+
+
+def compare(name: str, train_ds: Path, test_img: Path, test_lbl: Path, out: Path, args: argparse.Namespace) -> dict:
+    """The three arms on one dataset; the figures the issue asks for."""
+    ending = json.loads((train_ds / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+    train_ids = sorted(p.name[: -len(ending)] for p in (train_ds / "labelsTr").glob(f"*{ending}"))
+    arms = {"volseg": volseg_arm(train_ds, test_img, test_lbl, out, args.minutes, args.seed, args.extra.split())}
+    for variant in args.nnunet:
+        arms[f"nnunet_{variant}"] = nnunet_arm(variant, train_ds, train_ids, test_img, test_lbl, out, args.minutes,
+                                               args.seed)
+    default = arms.get("nnunet_default", {}).get("dice", 0.0)
+    reduced = arms.get("nnunet_reduced", {}).get("dice", 0.0)
+    best = max(default, reduced)
+    result = {
+        "dice_volseg": arms["volseg"]["dice"], "dice_nnunet": best, "dice_nnunet_default": default,
+        "dice_nnunet_reduced": reduced, "minutes": args.minutes,
+        "ratio_to_nnunet": round(arms["volseg"]["dice"] / best, 3) if best > 0 else None,
+        "n_train": len(train_ids), "n_test": len(test_images(test_img, ending)), "arms": arms,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"{name}: volseg {result['dice_volseg']}  nnU-Net default {default}  reduced {reduced}  "
+          f"ratio {result['ratio_to_nnunet']}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="training wall-time budget of every arm")
+    parser.add_argument("--datasets", default="hippocampus,lesions")
+    parser.add_argument("--lesion-seeds", default="0", help="comma-separated seeds of the synthetic lesion sets")
+    parser.add_argument("--lesion-train", type=int, default=6)
+    parser.add_argument("--lesion-test", type=int, default=4)
+    parser.add_argument("--hippocampus", type=Path, default=SHARED_DATA / "Dataset004_Hippocampus")
+    parser.add_argument("--nnunet", default="default,reduced", help="nnU-Net arms to run ('' for none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra", default="", help="extra `volseg train` flags")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/generalisation"))
+    args = parser.parse_args()
+    args.nnunet = [v for v in args.nnunet.split(",") if v]
+    results: dict[str, dict] = {}
+    for name in args.datasets.split(","):
+        if name == "hippocampus":
+            out = args.out / "hippocampus"
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            train_ds, test_img, test_lbl, _, _ = split_dataset(args.hippocampus, out, 0.2, args.seed)
+            results["hippocampus"] = compare(name, train_ds, test_img, test_lbl, out, args)
+        elif name == "lesions":
+            for seed in (int(s) for s in args.lesion_seeds.split(",")):
+                out = args.out / f"lesions_seed{seed}"
+                out.mkdir(parents=True, exist_ok=True)
+                train_ds, test_img, test_lbl = lesion_dataset(out, seed, args.lesion_train, args.lesion_test)
+                results[f"lesions_seed{seed}"] = compare(name, train_ds, test_img, test_lbl, out, args)
+        else:
+            sys.exit(f"unknown dataset {name!r} (hippocampus, lesions)")
+    summary = {k: {f: v[f] for f in ("dice_volseg", "dice_nnunet", "dice_nnunet_default", "dice_nnunet_reduced",
+                                     "minutes", "ratio_to_nnunet")} for k, v in results.items()}
+    ratios = [v["ratio_to_nnunet"] for v in summary.values() if v["ratio_to_nnunet"] is not None]
+    print(json.dumps({**summary, "min_ratio_to_nnunet": min(ratios) if ratios else None}))
+
+
+if __name__ == "__main__":
+    main()
