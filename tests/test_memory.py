@@ -179,16 +179,28 @@ def test_a_fast_device_or_long_budget_keeps_the_planned_width():
     assert cfg.model.base_width == 16
 
 
+def test_halving_that_cannot_reach_the_steps_keeps_the_planned_width():
+    # width 8 leaves 3240 / 0.5 = 6,480 steps, still short of MIN_STEPS: the wider network learns
+    # more per step, so the planned width stays (a large patch in a short budget)
+    timer, calls = _timer_by_width({32: 1.2, 16: 0.6, 8: 0.5})
+    cfg, info = fit_width_to_time(config(width=32), 60, torch.device("cpu"), timer=timer)
+    assert cfg.model.base_width == 32 and calls == [32, 16, 8]
+    assert info["step_seconds"] == 1.2 and info["budget_steps"] == 2700
+    assert info["step_seconds_by_width"] == {"32": 1.2, "16": 0.6, "8": 0.5}
+
+
 def test_width_never_goes_below_the_floor():
     timer, calls = _timer_by_width({16: 5.0, 8: 4.0})
     cfg, info = fit_width_to_time(config(width=16), 1, torch.device("cpu"), timer=timer)
-    assert cfg.model.base_width == MIN_WIDTH == 8 and calls == [16, 8] and info["budget_steps"] == 13
+    assert MIN_WIDTH == 8 and calls == [16, 8]  # width 4 is never timed
+    assert cfg.model.base_width == 16 and info["budget_steps"] == 10
 
 
 def test_ranks_agree_on_the_slowest_measurement():
-    timer, _ = _timer_by_width({16: 0.3, 8: 0.3})  # this rank alone would keep width 16
-    cfg, info = fit_width_to_time(config(width=16), 60, torch.device("cpu"), timer=timer, agree=lambda s: max(s, 0.5))
-    assert cfg.model.base_width == 8 and info["step_seconds"] == 0.5
+    timer, _ = _timer_by_width({16: 0.3, 8: 0.2})  # this rank alone would keep width 16 (10,800 steps)
+    cfg, info = fit_width_to_time(config(width=16), 60, torch.device("cpu"), timer=timer,
+                                  agree=lambda s: round(s * 5 / 3, 4))
+    assert cfg.model.base_width == 8 and info["step_seconds"] == 0.3333
 
 
 def test_a_real_step_is_timed_and_narrower_is_faster():

@@ -282,27 +282,35 @@ def test_noisy_background_keeps_plain_zscore(tmp_path):
     assert cfg.data.channel_methods == ("zscore", "zscore")
 
 
-def test_a_short_budget_shrinks_the_patch_to_the_objects_before_the_width(tmp_path):
+def test_the_planned_patch_is_kept_unless_the_budget_is_too_short_for_a_few_hundred_steps(tmp_path):
     import torch
 
     from volseg import io, memory
-    from volseg.planning import plan_run
+    from volseg.planning import MIN_PATCH_STEPS, plan_run
 
     info, cases = io.read_dataset(write_lesion_dataset(tmp_path / "d"))
     full, _, _ = plan_run(info, cases, torch.device("cpu"), max_minutes=600, timer=lambda c: 0.01)
     voxels = float(np.prod(full.train.patch_size))
 
-    def timer(c):  # proportional to the patch, 1 s for the planned one
+    def timer(c):  # proportional to the patch, 1 s for the planned one, whatever the width
         return float(np.prod(c.train.patch_size)) / voxels
 
+    # an hour holds 3,240 one-second steps: far below MIN_STEPS, but enough to keep the patch,
+    # and since no narrower network is faster here, the width stays too
     cfg, fingerprint, reasons = plan_run(info, cases, torch.device("cpu"), max_minutes=60, timer=timer)
+    assert cfg.train.patch_size == full.train.patch_size and cfg.model.base_width == full.model.base_width
+    assert fingerprint["budget_steps"] == 3240 < memory.MIN_STEPS
+    assert any("no width down to 8 reaches" in r for r in reasons)
+    # two minutes hold 108 such steps, below MIN_PATCH_STEPS: the patch shrinks toward the objects
+    cfg, fingerprint, reasons = plan_run(info, cases, torch.device("cpu"), max_minutes=2, timer=timer)
     assert np.prod(cfg.train.patch_size) < voxels
+    assert memory.budget_steps(2, timer(full)) < MIN_PATCH_STEPS < 1.5 * memory.budget_steps(2, timer(cfg))
     floor = vplan.fov_floor(full, fingerprint["object_extent_mm_p90"])
     assert all(p >= f for p, f in zip(cfg.train.patch_size, floor))
     for f, p, s, e in zip(floor, full.train.patch_size, cfg.data.spacing, fingerprint["object_extent_mm_p90"]):
         assert f == p or f * s >= 2 * e  # below the planned patch only where it still spans the objects twice
     assert any(r.startswith(f"patch {cfg.train.patch_size} instead of") for r in reasons)
-    assert fingerprint["budget_steps"] == memory.budget_steps(60, timer(cfg))
+    assert fingerprint["budget_steps"] == memory.budget_steps(2, timer(cfg))
 
 
 def test_a_depth_override_on_an_anisotropic_plan_keeps_its_levels():

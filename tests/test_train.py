@@ -354,7 +354,8 @@ def test_unset_width_is_fitted_to_the_budget_and_recorded(tiny_dataset, tiny_ove
 
     def fake_step_seconds(cfg, device, amp_dtype=None):
         timed.append(cfg.model.base_width)
-        return 1.0  # 0.9 * 60 s / 1 s = 54 steps: far below MIN_STEPS, so the width halves to the floor
+        # 0.9 * 60 s: width 16 gets 5,400 steps (below MIN_STEPS), width 8 gets 10,800, so it halves
+        return 0.01 if cfg.model.base_width >= 16 else 0.005
 
     monkeypatch.setattr(memory, "step_seconds", fake_step_seconds)
     del tiny_overrides["model"]["base_width"]
@@ -363,7 +364,7 @@ def test_unset_width_is_fitted_to_the_budget_and_recorded(tiny_dataset, tiny_ove
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert timed[0] > timed[-1] == memory.MIN_WIDTH
     assert plan["config"]["model"]["base_width"] == memory.MIN_WIDTH
-    assert plan["fingerprint"]["budget_steps"] == 54 and plan["fingerprint"]["min_steps"] == memory.MIN_STEPS
+    assert plan["fingerprint"]["budget_steps"] == 10800 and plan["fingerprint"]["min_steps"] == memory.MIN_STEPS
     # a width chosen by the user is not second-guessed
     timed.clear()
     tiny_overrides["model"]["base_width"] = 4

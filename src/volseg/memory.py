@@ -8,8 +8,8 @@ linearly with the batch, so the plan can drop the batch, then shrink the patch, 
 a share of the device's memory. Small plans skip the count: a cheap bound already shows they fit.
 
 Speed is fitted the same way, by measurement: a network too wide for the time budget gets too few
-steps to converge, so the planned width is halved (down to `MIN_WIDTH`) until a timed training step
-on the device leaves at least `MIN_STEPS` steps in the budget (`fit_width_to_time`).
+steps to converge, so the planned width is halved (down to `MIN_WIDTH`) when a timed training step
+of the narrower network leaves at least `MIN_STEPS` steps in the budget (`fit_width_to_time`).
 """
 
 from __future__ import annotations
@@ -156,7 +156,10 @@ def fit_to_memory(cfg: Config, memory_bytes: int | None, device_type: str) -> tu
 # with 60 CPU minutes (2 cores): width 16 got about 4,800 steps and a held-out Dice of 0.859-0.866
 # in four runs; width 8 got about 9,700 steps and 0.872-0.876 in three. With the 32x48x32 patch
 # width 16 gets about 12,700 steps, is kept, and scored 0.881 in one run. Long budgets and GPUs keep the
-# planned width; a 2-core CPU hour is where halving it starts to pay.
+# planned width; a 2-core CPU hour is where halving it starts to pay. Halving pays only when it
+# reaches those steps: on the synthetic two-channel lesion set (512-wide slices, 10 CPU minutes)
+# width 16 on the planned 144x144x24 patch (263 steps) scored a held-out Dice of 0.80 where width
+# 8 on a patch shrunk for steps (7,600) scored 0.66 (docs/benchmarks.md, "Generalisation").
 MIN_STEPS = 8000
 MIN_WIDTH = 8
 _BUDGET_SHARE = 0.9  # of the budget left for steps; validation and preprocessing take the rest
@@ -217,25 +220,32 @@ def fit_width_to_time(
     cfg: Config, minutes: float, device: torch.device, amp_dtype: torch.dtype | None = None,
     agree: Callable[[float], float] | None = None, timer: Callable[[Config], float] | None = None,
 ) -> tuple[Config, dict[str, float]]:
-    """Halve the base width (not below `MIN_WIDTH`) until the budget holds `MIN_STEPS` timed steps.
+    """The widest of the planned width and its halvings (not below `MIN_WIDTH`) whose timed step
+    leaves `MIN_STEPS` steps in the budget; the planned width when none does.
 
-    `agree` combines a measurement across processes (torchrun: the slowest rank's), so every rank
-    picks the same width; `timer` replaces the step measurement (tests). Returns the config and
-    what was measured, for the plan's fingerprint.
+    Why not simply the narrowest: halving buys at most twice the steps. When even the narrowest
+    network stays far short of `MIN_STEPS` (a large patch in a short budget), the wider one learns
+    more from each of the few steps there are. `agree` combines a measurement across processes
+    (torchrun: the slowest rank's), so every rank picks the same width; `timer` replaces the step
+    measurement (tests). Returns the config and what was measured, for the plan's fingerprint.
     """
     timer = timer or (lambda c: step_seconds(c, device, amp_dtype))
     budget_s = _BUDGET_SHARE * minutes * 60
     timed: dict[str, float] = {}
-    while True:
-        seconds = timer(cfg)
+    planned, chosen = cfg, None
+    width = cfg.model.base_width
+    while width >= MIN_WIDTH or width == planned.model.base_width:
+        trial = dataclasses.replace(planned, model=dataclasses.replace(planned.model, base_width=width))
+        seconds = timer(trial)
         if agree is not None:
             seconds = agree(seconds)
-        timed[str(cfg.model.base_width)] = round(seconds, 4)
-        steps = budget_s / max(seconds, 1e-9)
-        narrower = cfg.model.base_width // 2
-        if steps >= MIN_STEPS or narrower < MIN_WIDTH:
+        timed[str(width)] = round(seconds, 4)
+        if budget_s / max(seconds, 1e-9) >= MIN_STEPS:
+            chosen = trial
             break
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_width=narrower))
+        width //= 2
+    cfg = chosen or planned
+    seconds = timed[str(cfg.model.base_width)]
+    steps = budget_s / max(seconds, 1e-9)
     return cfg, {"step_seconds": round(seconds, 4), "step_seconds_by_width": timed, "budget_steps": int(steps),
                  "min_steps": MIN_STEPS, "budget_minutes": minutes}
-
