@@ -97,14 +97,36 @@ def nnunet_arm(variant: str, train_ds: Path, train_ids: list[str], test_img: Pat
     return {"dice": mean(dice), "dice_per_class": dice, **{k: v for k, v in info.items() if k != "pred_dir"}}
 
 
+def reusable_nnunet_arms(out: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """nnU-Net arms of an earlier run into the same folder, with the same budget and training seed.
+
+    Why: they do not depend on volseg's code and cost most of the run (nnU-Net's default network
+    takes minutes per case to predict on a CPU), so a change to volseg can be measured against
+    them again without retraining them. Arms that failed are run again.
+    """
+    path = out / "result.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("minutes") != args.minutes or earlier.get("seed", 0) != args.seed:
+        return {}
+    return {k: v for k, v in earlier.get("arms", {}).items()
+            if k.startswith("nnunet_") and "error" not in v and v.get("dice", 0) > 0}
+
+
 def compare(name: str, train_ds: Path, test_img: Path, test_lbl: Path, out: Path, args: argparse.Namespace) -> dict:
     """The three arms on one dataset; the figures the issue asks for."""
     ending = json.loads((train_ds / "dataset.json").read_text()).get("file_ending", ".nii.gz")
     train_ids = sorted(p.name[: -len(ending)] for p in (train_ds / "labelsTr").glob(f"*{ending}"))
     arms = {"volseg": volseg_arm(train_ds, test_img, test_lbl, out, args.minutes, args.seed, args.extra.split())}
+    earlier = reusable_nnunet_arms(out, args) if args.reuse_nnunet else {}
     for variant in args.nnunet:
-        arms[f"nnunet_{variant}"] = nnunet_arm(variant, train_ds, train_ids, test_img, test_lbl, out, args.minutes,
-                                               args.seed)
+        name_ = f"nnunet_{variant}"
+        if name_ in earlier:
+            print(f"{name}: nnU-Net {variant} reused from {out / 'result.json'} (same cases, same budget)", flush=True)
+            arms[name_] = {**earlier[name_], "reused": True}
+            continue
+        arms[name_] = nnunet_arm(variant, train_ds, train_ids, test_img, test_lbl, out, args.minutes, args.seed)
     default = arms.get("nnunet_default", {}).get("dice", 0.0)
     reduced = arms.get("nnunet_reduced", {}).get("dice", 0.0)
     best = max(default, reduced)
@@ -112,7 +134,7 @@ def compare(name: str, train_ds: Path, test_img: Path, test_lbl: Path, out: Path
         "dice_volseg": arms["volseg"]["dice"], "dice_nnunet": best, "dice_nnunet_default": default,
         "dice_nnunet_reduced": reduced, "minutes": args.minutes,
         "ratio_to_nnunet": round(arms["volseg"]["dice"] / best, 3) if best > 0 else None,
-        "n_train": len(train_ids), "n_test": len(test_images(test_img, ending)), "arms": arms,
+        "n_train": len(train_ids), "n_test": len(test_images(test_img, ending)), "seed": args.seed, "arms": arms,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(f"{name}: volseg {result['dice_volseg']}  nnU-Net default {default}  reduced {reduced}  "
@@ -131,6 +153,8 @@ def main() -> None:
     parser.add_argument("--nnunet", default="default,reduced", help="nnU-Net arms to run ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra", default="", help="extra `volseg train` flags")
+    parser.add_argument("--reuse-nnunet", action="store_true",
+                        help="take the nnU-Net arms from an earlier run's result.json in --out (same budget and seed)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/generalisation"))
     args = parser.parse_args()
     args.nnunet = [v for v in args.nnunet.split(",") if v]
@@ -138,9 +162,12 @@ def main() -> None:
     for name in args.datasets.split(","):
         if name == "hippocampus":
             out = args.out / "hippocampus"
+            earlier = (out / "result.json").read_text() if (out / "result.json").exists() else None
             if out.exists():
-                shutil.rmtree(out)
+                shutil.rmtree(out)  # the split is made afresh (its seed may differ)
             out.mkdir(parents=True)
+            if earlier is not None:
+                (out / "result.json").write_text(earlier)
             train_ds, test_img, test_lbl, _, _ = split_dataset(args.hippocampus, out, 0.2, args.seed)
             results["hippocampus"] = compare(name, train_ds, test_img, test_lbl, out, args)
         elif name == "lesions":

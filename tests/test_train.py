@@ -24,6 +24,7 @@ from volseg.train import (
     data_config_from_dataset,
     validation_note,
     poly_lr,
+    selection_score,
     split_cases,
     train,
     validate,
@@ -124,6 +125,27 @@ def test_split_cases_sizes(n, fraction, n_val):
 
 def test_few_cases_say_what_the_validation_rests_on():
     assert "rough guide" in validation_note(2, 6) and "rough guide" not in validation_note(4, 20)
+
+
+def _chosen_epoch(dices: list[float], smooth: bool) -> int:
+    """The epoch the training loop keeps as model_best for this sequence of validation Dice."""
+    score, best, at = None, -1.0, 0
+    for epoch, dice in enumerate(dices, 1):
+        score = selection_score(score, dice, smooth)
+        if score > best:
+            best, at = score, epoch
+    return at
+
+
+def test_few_cases_choose_the_best_model_on_smoothed_validation_dice():
+    # validation Dice of a 10-minute run on the synthetic lesions (2 validation cases): the raw
+    # maximum is epoch 3, undertrained; smoothed over epochs the later plateau wins
+    dices = [0.576, 0.689, 0.814, 0.773, 0.709, 0.791, 0.729, 0.798, 0.768, 0.775, 0.785, 0.800]
+    assert _chosen_epoch(dices, smooth=False) == 3
+    assert _chosen_epoch(dices, smooth=True) == 12
+    # a real improvement still wins at once, and many cases keep the raw maximum
+    assert _chosen_epoch([0.5, 0.6, 0.9], smooth=True) == 3
+    assert _chosen_epoch([0.5, 0.9, 0.8], smooth=False) == 2
 
 
 def test_split_cases_single_case_validates_on_itself():
