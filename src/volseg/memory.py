@@ -159,7 +159,7 @@ def fit_to_memory(cfg: Config, memory_bytes: int | None, device_type: str) -> tu
 # planned width; a 2-core CPU hour is where halving it starts to pay. Halving pays only when it
 # reaches those steps: on the synthetic two-channel lesion set (512-wide slices, 10 CPU minutes)
 # width 16 on the planned 144x144x24 patch (263 steps) scored a held-out Dice of 0.80 where width
-# 8 on a patch shrunk for steps (7,600) scored 0.66 (docs/benchmarks.md, "Generalisation").
+# 8 on a patch shrunk for steps (7,600) scored 0.66, one run each (docs/benchmarks.md, "Generalisation").
 MIN_STEPS = 8000
 MIN_WIDTH = 8
 _BUDGET_SHARE = 0.9  # of the budget left for steps; validation and preprocessing take the rest

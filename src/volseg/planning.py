@@ -401,7 +401,8 @@ def make_device_plan(data: DataConfig, cases: Sequence[io.Case], device: torch.d
 # Steps a budget must hold before the time fit shrinks the planned patch: a couple of hundred.
 # nnU-Net v2 with a CPU-reduced plan reached a held-out Dice of 0.82 on the synthetic lesion set
 # in 183 steps of its 12x192x192 patch; volseg's planned 144x144x24 patch in 263 steps scored
-# 0.80, and 0.66 once shrunk to 64x64x12 (with width 8) for 7,600 steps.
+# 0.80, and 0.66 once shrunk to 64x64x12 (with width 8) for 7,600 steps (one run each; two later
+# runs of the planned patch gave 0.68 and 0.67, nnU-Net reduced 0.69 in its second run).
 MIN_PATCH_STEPS = 200
 
 
