@@ -292,13 +292,18 @@ def test_the_planned_patch_is_kept_unless_the_budget_is_too_short_for_a_few_hund
     full, _, _ = plan_run(info, cases, torch.device("cpu"), max_minutes=600, timer=lambda c: 0.01)
     voxels = float(np.prod(full.train.patch_size))
 
+    calls: list[tuple[tuple[int, ...], int]] = []
+
     def timer(c):  # proportional to the patch, 1 s for the planned one, whatever the width
+        calls.append((tuple(c.train.patch_size), c.model.base_width))
         return float(np.prod(c.train.patch_size)) / voxels
 
     # an hour holds 3,240 one-second steps: far below MIN_STEPS, but enough to keep the patch,
     # and since no narrower network is faster here, the width stays too
     cfg, fingerprint, reasons = plan_run(info, cases, torch.device("cpu"), max_minutes=60, timer=timer)
     assert cfg.train.patch_size == full.train.patch_size and cfg.model.base_width == full.model.base_width
+    # the patch fit's timing of the planned network serves the width fit too: widths 16 and 8, once each
+    assert [w for _, w in calls] == [16, 8] and len(set(calls)) == len(calls)
     assert fingerprint["budget_steps"] == 3240 < memory.MIN_STEPS
     assert any("no width down to 8 reaches" in r for r in reasons)
     # two minutes hold 108 such steps, below MIN_PATCH_STEPS: the patch shrinks toward the objects

@@ -497,8 +497,18 @@ def plan_run(
     if set_by_user:
         reasons.append(f"set on the command line: {', '.join(sorted(set_by_user))}")
     if "base_width" not in set_by_user:
-        timer = timer or (lambda c: memory.step_seconds(c, device, amp_dtype))
-        timed = (lambda c: agree(timer(c))) if agree is not None else timer
+        step_timer = timer or (lambda c: memory.step_seconds(c, device, amp_dtype))
+        measured: dict[tuple[tuple[int, ...], int], float] = {}
+
+        def once(c: Config) -> float:
+            """One timed step per (patch, width): when the patch is kept, the patch fit's timing is
+            also the width fit's first candidate, so that step is not timed twice."""
+            key = (tuple(c.train.patch_size), c.model.base_width)
+            if key not in measured:
+                measured[key] = step_timer(c)
+            return measured[key]
+
+        timed = (lambda c: agree(once(c))) if agree is not None else once
         minutes = cfg.train.max_minutes
         if "patch_size" not in set_by_user:
             floor = fov_floor(cfg, fingerprint.get("object_extent_mm_p90"))
@@ -511,7 +521,7 @@ def plan_run(
                     f"{MIN_PATCH_STEPS:,} steps but not below {floor} (twice the objects' extent)")
                 cfg = shrunk
         before = cfg.model.base_width
-        cfg, timing = memory.fit_width_to_time(cfg, minutes, device, amp_dtype, agree=agree, timer=timer)
+        cfg, timing = memory.fit_width_to_time(cfg, minutes, device, amp_dtype, agree=agree, timer=once)
         fingerprint = {**fingerprint, **timing}
         if cfg.model.base_width != before:
             verdict = f"halved from {before}: the narrower network reaches {memory.MIN_STEPS:,} steps"
