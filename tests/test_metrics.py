@@ -225,6 +225,39 @@ def test_surface_metrics_match_brute_force(seed, shape, offset, spacing, density
     assert row["vol_diff_mm3"] == pytest.approx((pred_small.sum() - ref_small.sum()) * voxel_mm3)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9)),
+    spacing=st.tuples(*[st.floats(0.2, 4.0, allow_nan=False)] * 3),
+    layout=st.sampled_from(["F", "transposed", "strided"]),
+    dtype=st.sampled_from([np.uint8, np.int16, np.int64, np.bool_]),
+)
+def test_any_memory_layout_gives_the_c_order_values_bit_for_bit(seed, shape, spacing, layout, dtype):
+    """Fortran-ordered arrays (nibabel's), transposed and strided views are reduced along their
+    memory layout, and give exactly the values of the same masks in C order."""
+    rng = np.random.default_rng(seed)
+    pred = (rng.random(shape) < 0.3).astype(dtype)
+    ref = (rng.random(shape) < 0.3).astype(dtype)
+    expected = metrics.compute(pred, ref, spacing, labels=[1])
+    if layout == "F":
+        views = np.asfortranarray(pred), np.asfortranarray(ref)
+    elif layout == "transposed":  # a C array of the axes (2, 0, 1), seen as (I, J, K)
+        views = (np.ascontiguousarray(pred.transpose(2, 0, 1)).transpose(1, 2, 0),
+                 np.ascontiguousarray(ref.transpose(2, 0, 1)).transpose(1, 2, 0))
+    else:  # every other voxel of a twice larger array
+        big_pred, big_ref = (np.zeros(tuple(2 * n for n in shape), dtype) for _ in range(2))
+        big_pred[::2, ::2, ::2], big_ref[::2, ::2, ::2] = pred, ref
+        views = big_pred[::2, ::2, ::2], big_ref[::2, ::2, ::2]
+    assert metrics.compute(*views, spacing, labels=[1]) == expected
+    box = metrics.nonzero_box(*views)
+    nonzero = np.argwhere((pred != 0) | (ref != 0))
+    if nonzero.size == 0:
+        assert box is None
+    else:
+        assert box == tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(nonzero.min(0), nonzero.max(0)))
+
+
 @pytest.mark.parametrize("one_offset_at_a_time", [False, True])
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 0.8, 0.8), (0.3, 5.0, 0.7)])
 def test_far_surfaces_take_the_tree_and_stay_exact(spacing, one_offset_at_a_time, monkeypatch):

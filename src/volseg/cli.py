@@ -164,7 +164,7 @@ def evaluate(
     ref: Annotated[Path, typer.Argument(help="folder of reference segmentations with the same names")],
     output: Annotated[Path, typer.Option("-o", "--output", help="per-case, per-label CSV")] = Path("metrics.csv"),
     dataset_json: Annotated[Optional[Path], typer.Option(help="dataset.json for label names (default: next to REF)")] = None,
-    workers: Annotated[int, typer.Option(help="parallel processes")] = 1,
+    workers: Annotated[int, typer.Option(help="processes reading and scoring cases side by side")] = 1,
     plot: Annotated[bool, typer.Option(help="also write a box plot PNG next to the CSV")] = True,
     nsd_tolerance_mm: Annotated[float, typer.Option(help="surface Dice (NSD) tolerance in mm")] = 1.0,
     instances: Annotated[bool, typer.Option("--instances", help="also score objects (lesion detection F1, merges, splits)")] = False,

@@ -29,7 +29,8 @@ Empty-mask conventions (no NaN, no inf, so means over cases stay finite):
   vol_diff_rel = the volume's voxel count, more than any ratio a non-empty reference allows.
 
 Speed, exactly: everything runs on the bounding box of the labels in ``pred | ref`` (found with
-per-axis max projections, one streaming pass over each array). Distances are found by looking up
+per-axis max projections, one streaming pass over each array, taken along the arrays' memory
+layout, so a Fortran-ordered array from nibabel streams as fast as a C-ordered one). Distances are found by looking up
 the other surface at integer voxel offsets in order of increasing length in mm, so a surface
 voxel at distance d costs only the offsets shorter than d; voxels still unresolved when lookups
 stop paying (a far-away false positive, a missed part) go to a k-d tree over the other surface.
@@ -102,6 +103,7 @@ def compute(
     tolerance_mm = _check_tolerance(nsd_tolerance_mm)
     wanted = [int(label) for label in labels]
     scale = _scale(pred.shape, spacing_mm)
+    pred, ref, spacing_mm, order = _memory_order(pred, ref, spacing_mm)
 
     result: dict[int, dict[str, float]] = {}
     for label, where in _label_regions(pred, ref, wanted):
@@ -116,7 +118,7 @@ def compute(
         distances = None
         if n_pred and n_ref:
             box = _nonzero_box(pred_mask, ref_mask)
-            distances = _surface_distances(pred_mask[box], ref_mask[box], spacing_mm)
+            distances = _surface_distances(pred_mask[box], ref_mask[box], spacing_mm, order)
         result[label] = _row(scale, tp, n_pred, n_ref, distances, tolerance_mm)
     return result
 
@@ -262,12 +264,18 @@ def _row(
 
 
 def _surface_distances(
-    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing_mm: tuple[float, ...]
+    pred_mask: np.ndarray,
+    ref_mask: np.ndarray,
+    spacing_mm: tuple[float, ...],
+    axes: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Directed distances (mm) between the surfaces of two non-empty masks.
 
     The masks may be crops of larger volumes as long as everything outside them is background
     for both: the padding of zeros then stands for the rest of the volume and its outside.
+    With `axes` (the masks are `transpose(axes)` views of the caller's arrays), the distances
+    come in the C order of the caller's voxels, so that sums over them are bit-identical
+    whatever the memory layout.
     """
     vectors, lengths_mm, reach_vox = _offsets(spacing_mm)
     pad = tuple(int(r) + 1 for r in reach_vox)  # room for every offset, plus the outside layer
@@ -277,7 +285,19 @@ def _surface_distances(
     flat_offsets = vectors @ strides
     to_ref = _directed(pred_index, ref_surface, ref_index, flat_offsets, lengths_mm, spacing_mm)
     to_pred = _directed(ref_index, pred_surface, pred_index, flat_offsets, lengths_mm, spacing_mm)
+    if axes is not None and axes != tuple(range(len(axes))):
+        to_ref = to_ref[_c_order(pred_index, pred_surface.shape, axes)]
+        to_pred = to_pred[_c_order(ref_index, pred_surface.shape, axes)]
     return to_ref, to_pred
+
+
+def _c_order(flat_index: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarray:
+    """The permutation that puts voxels of a `transpose(axes)` view into the original C order."""
+    coords = np.unravel_index(flat_index, shape)
+    back = np.argsort(axes)  # original axis a sits at position back[a] of the view
+    original_shape = tuple(shape[p] for p in back)
+    key = np.ravel_multi_index(tuple(coords[p] for p in back), original_shape)
+    return np.argsort(key, kind="stable")
 
 
 def _padded_surface(mask: np.ndarray, pad: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -407,6 +427,52 @@ def _label_regions(
         if crop is not None and boxes is not None:
             where = _within(crop, boxes[label])
         yield label, where
+
+
+def nonzero_box(*arrays: np.ndarray) -> tuple[slice, ...] | None:
+    """Smallest box holding every non-zero voxel of the same-shaped arrays, or None if all are zero.
+
+    One streaming pass over each array in its memory layout (C or Fortran order alike), then a
+    pass over a block only: callers that need anything about the labels present (which values
+    occur, per-label boxes) can look at this crop instead of the whole volume.
+
+    >>> a = np.zeros((4, 5, 6), np.uint8); a[1, 2, 3] = 2
+    >>> b = np.asfortranarray(np.zeros((4, 5, 6), np.int16)); b[2, 2, 0] = 1
+    >>> nonzero_box(a, b)
+    (slice(1, 3, None), slice(2, 3, None), slice(0, 4, None))
+    """
+    if not arrays:
+        raise VolsegError(None, "nonzero_box needs at least one array")
+    order = _axis_order(arrays[0])
+    box = _nonzero_box(*(np.asarray(a).transpose(order) for a in arrays))
+    if box is None:
+        return None
+    back = [slice(0, 0)] * len(order)
+    for position, axis in enumerate(order):
+        back[axis] = box[position]
+    return tuple(back)
+
+
+def _axis_order(array: np.ndarray) -> tuple[int, ...]:
+    """The array's axes from the largest stride to the smallest (C order: 0, 1, 2)."""
+    return tuple(int(a) for a in np.argsort([-abs(s) for s in array.strides], kind="stable"))
+
+
+def _memory_order(
+    pred: np.ndarray, ref: np.ndarray, spacing_mm: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], tuple[int, ...]]:
+    """Views of both arrays with their axes in memory order (largest stride first), the spacing
+    permuted alike, and the permutation.
+
+    Every metric is the same under a permutation of the axes (with the spacing permuted alike),
+    and the streaming passes that find the boxes are several times faster along the memory
+    layout: a Fortran-ordered array (nibabel's, e.g. from `get_fdata().astype(np.uint8)`) would
+    otherwise be reduced along its contiguous axis.
+    """
+    order = _axis_order(pred)
+    if order == tuple(range(pred.ndim)):
+        return pred, ref, spacing_mm, order
+    return pred.transpose(order), ref.transpose(order), tuple(spacing_mm[a] for a in order), order
 
 
 def _nonzero_box(*arrays: np.ndarray) -> tuple[slice, ...] | None:

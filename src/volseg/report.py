@@ -223,8 +223,14 @@ def _evaluate_case(
         if unlabelled.any():
             pred_array = np.where(unlabelled, 0, pred_array).astype(pred_array.dtype)
             ref_array = np.where(unlabelled, 0, ref_array).astype(ref_array.dtype)
-    ref_values = _nonzero_values(ref_array)
-    labels = wanted if wanted is not None else sorted(ref_values | _nonzero_values(pred_array))
+    # Outside the box of both maps' non-zero voxels everything is background: the values present
+    # are read off the crop (a lesion's crop is a few thousand voxels of a 10-million-voxel scan).
+    box = metrics.nonzero_box(pred_array, ref_array)
+    ref_values = set() if box is None else _nonzero_values(ref_array[box])
+    if wanted is not None:
+        labels = wanted
+    else:
+        labels = sorted(ref_values | (set() if box is None else _nonzero_values(pred_array[box])))
     scores = metrics.compute(pred_array, ref_array, ref.spacing, labels, nsd_tolerance_mm)
     if instances:
         objects = metrics.object_scores(
