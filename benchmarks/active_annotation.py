@@ -60,7 +60,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from volseg import io  # noqa: E402
+from volseg import layout, volumes  # noqa: E402
 from volseg.suggest import (  # noqa: E402
     apply_suggestions,
     even_over_cases,
@@ -131,8 +131,8 @@ def train_and_score(dataset: Path, step: Path, test_img: Path, test_lbl: Path, d
 
 def labelled_masks(dataset: Path) -> dict[str, np.ndarray]:
     """Each case's labelled voxels (label != ignore)."""
-    info, cases = io.read_dataset(dataset)
-    return {c.case_id: io.read_label(c.label).array[0] != info.ignore_label for c in cases}
+    info, cases = layout.read_dataset(dataset)
+    return {c.case_id: volumes.read_label(c.label).array[0] != info.ignore_label for c in cases}
 
 
 def slices_per_case(masks: dict[str, np.ndarray], axes: tuple[int, ...]) -> float:

@@ -41,16 +41,16 @@ CLASSES = 4
 # The path `volseg predict` took before the memory-bounded window (one model, no resampling).
 BASELINE = """
 import sys, numpy as np, torch
-from volseg import io
+from volseg import volumes
 from volseg.checkpoint import load_model
 from volseg.inference import make_predictor, sliding_window
 from volseg.preprocessing import decode_labels, normalize
 model, cfg = load_model(sys.argv[1])
-volume = io.read_image([sys.argv[2]])
+volume = volumes.read_image([sys.argv[2]])
 image = normalize(volume.array, cfg.data.channel_methods, cfg.data.intensity_stats)
 probs = sliding_window(image, make_predictor(model, torch.device("cpu")), cfg.train.patch_size, cfg.model.num_classes,
                        overlap=cfg.infer.overlap, blend=cfg.infer.blend, batch_size=cfg.infer.batch_size)
-io.write_volume(sys.argv[3], decode_labels(probs.argmax(0), cfg.data.class_values), reference=volume)
+volumes.write_volume(sys.argv[3], decode_labels(probs.argmax(0), cfg.data.class_values), reference=volume)
 """
 
 
@@ -150,9 +150,9 @@ def main() -> None:
             rows.append(("whole-volume path (before)",
                          *timed([sys.executable, "-c", BASELINE, str(model), str(image), str(old)], args.threads,
                                 "python -c BASELINE (benchmarks/inference_memory.py) MODEL IMAGE OUT")))
-            from volseg import io
+            from volseg import volumes
 
-            agreement = float(np.mean(io.read_label(out).array == io.read_label(old).array))
+            agreement = float(np.mean(volumes.read_label(out).array == volumes.read_label(old).array))
             result.update(baseline_peak_rss_gib=round(rows[1][1], 3), baseline_seconds=round(rows[1][2], 1),
                           agreement=agreement)
 

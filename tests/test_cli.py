@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from volseg import io, synthetic
+from volseg import layout, synthetic, volumes
 from volseg.cli import app, main
 from volseg.memory import MIN_STEPS
 
@@ -105,7 +105,7 @@ def test_synth_then_check_ok(tmp_path, capsys):
     assert "wrote 3 training and 1 test cases" in capsys.readouterr().out
     assert len(list((dataset / "imagesTr").glob("*_0000.nii.gz"))) == 3
     assert len(list((dataset / "labelsTs").glob("*.nii.gz"))) == 1
-    image = io.read_volume(dataset / "imagesTr" / "case_000_0000.nii.gz")
+    image = volumes.read_volume(dataset / "imagesTr" / "case_000_0000.nii.gz")
     assert image.shape == (12, 10, 8) and image.spacing == pytest.approx((1.0, 1.0, 2.0))
 
     assert run_cli(["check", str(dataset)]) == 0
@@ -127,18 +127,18 @@ def broken_dataset(root: Path) -> list[str]:
     """A small dataset with three problems; returns a fragment each problem line must contain."""
     synthetic.write_dataset(root, n_cases=3, shape_vox=(10, 9, 8), spacing_mm=(1, 1, 2), n_classes=3)
     (root / "labelsTr" / "case_001.nii.gz").unlink()  # missing label
-    label = io.read_label(root / "labelsTr" / "case_002.nii.gz")
+    label = volumes.read_label(root / "labelsTr" / "case_002.nii.gz")
     array = label.array[0].copy()
     array[0, 0, 0] = 7  # undeclared label value
-    io.write_volume(root / "labelsTr" / "case_002.nii.gz", array, reference=label)
-    io.write_volume(root / "labelsTr" / "stray.nii.gz", array, affine=label.affine)  # label without image
+    volumes.write_volume(root / "labelsTr" / "case_002.nii.gz", array, reference=label)
+    volumes.write_volume(root / "labelsTr" / "stray.nii.gz", array, affine=label.affine)  # label without image
     return ["case_001.nii.gz", "[7]", "stray.nii.gz"]
 
 
 def test_check_broken_dataset_exits_2_and_prints_every_problem(tmp_path, capsys):
     root = tmp_path / "broken"
     fragments = broken_dataset(root)
-    problems = io.check_dataset(root)
+    problems = layout.check_dataset(root)
     assert len(problems) == 3
 
     code = run_cli(["check", str(root)])
@@ -182,7 +182,7 @@ def test_train_bad_patch_size_flag(tiny_dataset, tmp_path, capsys):
 
 def test_predict_missing_model_file(tmp_path, capsys):
     image = tmp_path / "img.nii.gz"
-    io.write_volume(image, np.zeros((4, 5, 6), np.float32))
+    volumes.write_volume(image, np.zeros((4, 5, 6), np.float32))
     assert run_cli(["predict", "-m", str(tmp_path / "missing.safetensors"), "-i", str(image),
                     "-o", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 2
     assert "missing.safetensors" in one_error_line(capsys.readouterr().err)
@@ -203,7 +203,7 @@ def test_pickle_as_model_is_refused(tmp_path, capsys, how):
     else:
         model_path.write_bytes(pickle.dumps({"w": [0.0, 1.0]}, protocol=4))
     image = tmp_path / "img.nii.gz"
-    io.write_volume(image, np.zeros((4, 5, 6), np.float32))
+    volumes.write_volume(image, np.zeros((4, 5, 6), np.float32))
     assert run_cli(["predict", "-m", str(model_path), "-i", str(image), "-o", str(tmp_path / "out"),
                     "--device", "cpu", "--quiet"]) == 2
     assert "pickle" in one_error_line(capsys.readouterr().err)
@@ -280,11 +280,11 @@ def test_evaluate_writes_csv_and_summary_with_known_values(tiny_dataset, tmp_pat
     ref = tiny_dataset / "labelsTs"
     names = sorted(p.name for p in ref.glob("*.nii.gz"))
     for i, name in enumerate(names):
-        label = io.read_label(ref / name)
+        label = volumes.read_label(ref / name)
         array = label.array[0].copy()
         if i == 0:
             array[array == 2] = 0
-        io.write_volume(pred / name, array, reference=label)
+        volumes.write_volume(pred / name, array, reference=label)
     out_csv = tmp_path / "eval" / "metrics.csv"
 
     assert run_cli(["evaluate", str(pred), str(ref), "-o", str(out_csv), "--no-plot"]) == 0

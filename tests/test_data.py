@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from volseg import data as vdata
-from volseg import io
+from volseg import layout, volumes
 from volseg.config import DataConfig
 from volseg.data import BatchStream, CaseData, preprocess_case, sample_batch, sample_patch
 from volseg.errors import VolsegError
@@ -25,17 +25,17 @@ def affine(spacing=SPACING_MM) -> np.ndarray:
     return out
 
 
-def write_case(folder: Path, case_id: str, image: np.ndarray, label: np.ndarray | None) -> io.Case:
+def write_case(folder: Path, case_id: str, image: np.ndarray, label: np.ndarray | None) -> layout.Case:
     """One single-channel case on disk in the nnU-Net naming."""
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     image_path = folder / "imagesTr" / f"{case_id}_0000.nii.gz"
-    io.write_volume(image_path, image, affine=affine())
+    volumes.write_volume(image_path, image, affine=affine())
     label_path = None
     if label is not None:
         label_path = folder / "labelsTr" / f"{case_id}.nii.gz"
-        io.write_volume(label_path, label, affine=affine())
-    return io.Case(case_id, (image_path,), label_path)
+        volumes.write_volume(label_path, label, affine=affine())
+    return layout.Case(case_id, (image_path,), label_path)
 
 
 def memory_case(label: np.ndarray, weight: np.ndarray | None = None, image: np.ndarray | None = None) -> CaseData:
@@ -53,12 +53,12 @@ def memory_case(label: np.ndarray, weight: np.ndarray | None = None, image: np.n
 
 
 def test_preprocess_case_normalises_encodes_and_indexes_foreground(tiny_dataset, tmp_path):
-    info, cases = io.read_dataset(tiny_dataset)
+    info, cases = layout.read_dataset(tiny_dataset)
     data = data_config_from_dataset(info)
     case = preprocess_case(cases[0], data, tmp_path / "cache")
 
-    raw_image = io.read_image(cases[0].images)
-    raw_label = io.read_label(cases[0].label).array[0]
+    raw_image = volumes.read_image(cases[0].images)
+    raw_label = volumes.read_label(cases[0].label).array[0]
     assert case.case_id == cases[0].case_id
     assert case.image.shape == raw_image.array.shape == (1, 24, 24, 16)
     assert case.image.dtype == np.float32
@@ -73,7 +73,7 @@ def test_preprocess_case_normalises_encodes_and_indexes_foreground(tiny_dataset,
 
 
 def test_preprocess_case_reuses_its_cache_without_reading_files(tiny_dataset, tmp_path, monkeypatch):
-    info, cases = io.read_dataset(tiny_dataset)
+    info, cases = layout.read_dataset(tiny_dataset)
     data = data_config_from_dataset(info)
     first = preprocess_case(cases[1], data, tmp_path / "cache")
     first_image, first_label = np.array(first.image), np.array(first.label)
@@ -81,8 +81,8 @@ def test_preprocess_case_reuses_its_cache_without_reading_files(tiny_dataset, tm
     def refuse(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(io, "read_image", refuse)
-    monkeypatch.setattr(io, "read_label", refuse)
+    monkeypatch.setattr(volumes, "read_image", refuse)
+    monkeypatch.setattr(volumes, "read_label", refuse)
     second = preprocess_case(cases[1], data, tmp_path / "cache")
     np.testing.assert_array_equal(second.image, first_image)
     np.testing.assert_array_equal(second.label, first_label)
@@ -92,12 +92,12 @@ def test_preprocess_case_reuses_its_cache_without_reading_files(tiny_dataset, tm
 
 
 def test_preprocess_case_redoes_the_cache_when_the_config_changes(tiny_dataset, tmp_path, monkeypatch):
-    info, cases = io.read_dataset(tiny_dataset)
+    info, cases = layout.read_dataset(tiny_dataset)
     data = data_config_from_dataset(info)
     preprocess_case(cases[2], data, tmp_path / "cache")
     reads = []
-    real = io.read_image
-    monkeypatch.setattr(io, "read_image", lambda paths: reads.append(paths) or real(paths))
+    real = volumes.read_image
+    monkeypatch.setattr(volumes, "read_image", lambda paths: reads.append(paths) or real(paths))
     raw = preprocess_case(cases[2], dataclasses.replace(data, normalization="none"), tmp_path / "cache")
     assert len(reads) == 1
     np.testing.assert_array_equal(raw.image, real(cases[2].images).array.astype(np.float32))

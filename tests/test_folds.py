@@ -28,8 +28,8 @@ def test_bad_folds_refused(fold: int, folds: int, n: int) -> None:
 def test_ensemble_of_identical_models_equals_one_model(trained_run, tiny_dataset, tmp_path) -> None:
     import numpy as np
 
-    from volseg import io
-    from volseg.inference import predict_paths
+    from volseg import volumes
+    from volseg.prediction_files import predict_paths
 
     run = trained_run[0]
     single, double = tmp_path / "single", tmp_path / "double"
@@ -37,7 +37,7 @@ def test_ensemble_of_identical_models_equals_one_model(trained_run, tiny_dataset
     predict_paths([run, run / "model_last.safetensors"], tiny_dataset / "imagesTs", double, device="cpu",
                   progress=False)
     for f in sorted(single.iterdir()):
-        a, b = io.read_label(f).array, io.read_label(double / f.name).array
+        a, b = volumes.read_label(f).array, volumes.read_label(double / f.name).array
         if (run / "model_best.safetensors").read_bytes() == (run / "model_last.safetensors").read_bytes():
             np.testing.assert_array_equal(a, b)
         assert a.shape == b.shape
@@ -48,7 +48,7 @@ def test_ensemble_refuses_models_with_other_labels(trained_run, tiny_dataset, tm
 
     import volseg
     from volseg.checkpoint import save_model
-    from volseg.inference import predict_paths
+    from volseg.prediction_files import predict_paths
 
     model, cfg = volseg.load_model(trained_run[0])
     other = dataclasses.replace(cfg, data=dataclasses.replace(
@@ -63,12 +63,12 @@ def test_ensemble_averages_probabilities(trained_run, tiny_dataset) -> None:
     import numpy as np
 
     import volseg
-    from volseg import io
+    from volseg import volumes
     from volseg.inference import predict_volume, probabilities_on_input_grid
 
     m1, c1 = volseg.load_model(trained_run[0] / "model_best.safetensors")
     m2, c2 = volseg.load_model(trained_run[0] / "model_last.safetensors")
-    volume = io.read_image(sorted((tiny_dataset / "imagesTs").iterdir())[:1])
+    volume = volumes.read_image(sorted((tiny_dataset / "imagesTs").iterdir())[:1])
     p = probabilities_on_input_grid(m1, c1, volume) + probabilities_on_input_grid(m2, c2, volume)
     expected = np.asarray(c1.data.class_values)[p.argmax(0)]
     np.testing.assert_array_equal(predict_volume([m1, m2], [c1, c2], volume), expected)

@@ -1,4 +1,4 @@
-"""volseg.htmlreport: `volseg show` pictures and the self-contained HTML report, checked in a browser too."""
+"""volseg.pictures and volseg.htmlreport: `volseg show` pictures and the self-contained HTML report, checked in a browser too."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from volseg import htmlreport
+from volseg import htmlreport, pictures
 from volseg.cli import app, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -227,9 +227,9 @@ def test_show_centre_is_inside_an_object_and_slice_option(tmp_path):
     ref = seg.copy()
     ref[ref == 2] = 0
     save(tmp_path / "ref.nii.gz", ref)
-    centre = htmlreport.show_volume(tmp_path / "img.nii.gz", tmp_path / "a.png", tmp_path / "seg.nii.gz")
+    centre = pictures.show_volume(tmp_path / "img.nii.gz", tmp_path / "a.png", tmp_path / "seg.nii.gz")
     assert seg[centre] != 0  # not the empty middle between the two balls
-    centre = htmlreport.show_volume(
+    centre = pictures.show_volume(
         tmp_path / "img.nii.gz", tmp_path / "b.png", tmp_path / "seg.nii.gz", ref_path=tmp_path / "ref.nii.gz"
     )
     assert ref[centre] == 1  # the reference decides where to look

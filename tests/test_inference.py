@@ -14,18 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from volseg import io
+from volseg import volumes
 from volseg.checkpoint import load_model
 from volseg.config import Config, DataConfig, ModelConfig, TrainConfig
 from volseg.errors import VolsegError
-from volseg.inference import (
-    _output_name,
-    output_window,
-    predict_paths,
-    predict_volume,
-    resolve_device,
-    sliding_window,
-)
+from volseg.inference import output_window, predict_volume, resolve_device, sliding_window
+from volseg.prediction_files import _output_name, predict_paths
 from volseg.sampling import gaussian_importance, sliding_window_grid
 
 
@@ -230,7 +224,7 @@ def test_predict_volume_decodes_to_dataset_label_values():
     cfg = Config(data=data, model=ModelConfig(num_classes=3, depth=3), train=TrainConfig(patch_size=(8, 8, 8)))
     image = random_image((9, 13, 7), seed=5)
     image[0, 0, 0, 0] = 0.0  # all logits equal: argmax takes the first class (background)
-    volume = io.Volume(image, np.diag([0.7, 0.9, 2.5, 1.0]))
+    volume = volumes.Volume(image, np.diag([0.7, 0.9, 2.5, 1.0]))
     seg = predict_volume(SignNetwork(), cfg, volume)
     assert seg.shape == (9, 13, 7)
     assert seg.dtype == np.uint8
@@ -242,7 +236,7 @@ def test_predict_volume_with_trained_model(trained_run):
     run_dir, _ = trained_run
     model, cfg = load_model(run_dir, "cpu")
     image = random_image((21, 19, 13), seed=7) * 100 + 40  # unnormalised; odd shape, not a patch multiple
-    seg = predict_volume(model, cfg, io.Volume(image, np.eye(4)))
+    seg = predict_volume(model, cfg, volumes.Volume(image, np.eye(4)))
     assert seg.shape == (21, 19, 13)
     assert set(np.unique(seg).tolist()) <= set(cfg.data.class_values)
 
@@ -251,7 +245,7 @@ def test_predict_volume_refuses_wrong_channel_count(trained_run):
     model, cfg = load_model(trained_run[0], "cpu")
     image = np.zeros((2, 8, 8, 8), np.float32)
     with pytest.raises(VolsegError, match="channels"):
-        predict_volume(model, cfg, io.Volume(image, np.eye(4)))
+        predict_volume(model, cfg, volumes.Volume(image, np.eye(4)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,11 +308,11 @@ def test_predict_nifti_keeps_shape_affine_qform_and_sform(trained_run, tmp_path,
 def test_predict_nifti_written_by_volseg_io_to_explicit_output_file(trained_run, tmp_path):
     affine = oblique_affine((1.2, 0.6, 3.0))
     src = tmp_path / "scan.nii.gz"
-    io.write_volume(src, raw_image(12), affine=affine)
+    volumes.write_volume(src, raw_image(12), affine=affine)
     target = tmp_path / "out" / "seg_of_scan.nii.gz"
     written = predict_paths(trained_run[0], src, target, device="cpu", progress=False)
     assert written == [target]
-    before, after = io.read_volume(src), io.read_label(target)
+    before, after = volumes.read_volume(src), volumes.read_label(target)
     assert after.shape == before.shape == SHAPE_VOX
     np.testing.assert_array_equal(after.affine, before.affine)
     b, a = nib.load(str(src)).header, nib.load(str(target)).header
@@ -364,8 +358,8 @@ def test_predict_folder_names_outputs_by_case_and_continue_skips_existing(traine
     names = sorted(p.name[: -len("_0000.nii.gz")] + ".nii.gz" for p in inputs.glob("*_0000.nii.gz"))
     assert sorted(p.name for p in written) == names == sorted(os.listdir(out_dir))
     for name in names:
-        ref = io.read_volume(tiny_dataset / "labelsTs" / name)
-        pred = io.read_label(out_dir / name)
+        ref = volumes.read_volume(tiny_dataset / "labelsTs" / name)
+        pred = volumes.read_label(out_dir / name)
         assert pred.shape == ref.shape
         np.testing.assert_array_equal(pred.affine, ref.affine)
 
@@ -402,7 +396,7 @@ def test_autocast_dtype_is_bf16_where_the_gpu_has_it_else_fp16(monkeypatch, bf16
 
 def test_default_post_processing_keeps_a_one_voxel_lesion():
     """No component is removed unless asked: a tiny true lesion must survive `volseg predict`'s defaults."""
-    from volseg.inference import clean_segmentation
+    from volseg.prediction_files import clean_segmentation
 
     seg = np.zeros((9, 9, 3), np.uint8)
     seg[1:6, 1:6, :] = 1

@@ -11,21 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from volseg import io
+from volseg import volumes
 from volseg.checkpoint import load_model, save_model
 from volseg.cli import main
 from volseg.config import Config, DataConfig, ModelConfig, TrainConfig
 from volseg.errors import VolsegError
-from volseg.inference import (
-    clean_segmentation,
-    predict_volume,
-    probabilities_path,
-    resampled_argmax,
-    slab_normalizer,
-    sliding_window,
-    sliding_window_labels,
-    write_probabilities,
-)
+from volseg.inference import predict_volume, resampled_argmax, slab_normalizer, sliding_window, sliding_window_labels
+from volseg.prediction_files import clean_segmentation, probabilities_path, write_probabilities
 from volseg.preprocessing import normalize, resample_image, resample_probabilities
 from volseg.sampling import crop_pad, gaussian_importance, sliding_window_grid
 
@@ -201,7 +193,7 @@ def four_class_config(patch=(16, 16, 16), spacing=None) -> Config:
     return Config(data=data, model=ModelConfig(num_classes=4, depth=3), train=TrainConfig(patch_size=patch))
 
 
-def whole_volume_labels(cfg: Config, volume: io.Volume) -> np.ndarray:
+def whole_volume_labels(cfg: Config, volume: volumes.Volume) -> np.ndarray:
     """Today's path without resampling: normalise everything, all probabilities, argmax."""
     image = normalize(volume.array, cfg.data.channel_methods, cfg.data.intensity_stats)
     probs = sliding_window(image, FourClassNetwork(), cfg.train.patch_size, 4, overlap=0.5, batch_size=2)
@@ -210,7 +202,7 @@ def whole_volume_labels(cfg: Config, volume: io.Volume) -> np.ndarray:
 
 def test_predict_volume_equals_the_whole_volume_path():
     cfg = four_class_config()
-    volume = io.Volume(image_of((37, 21, 18), seed=8) * 50 + 300, np.diag([0.7, 0.9, 2.5, 1.0]))
+    volume = volumes.Volume(image_of((37, 21, 18), seed=8) * 50 + 300, np.diag([0.7, 0.9, 2.5, 1.0]))
     probs = np.zeros((4, 37, 21, 18), np.float32)
     seg = predict_volume(FourClassNetwork(), cfg, volume, probabilities=probs)
     np.testing.assert_array_equal(seg, whole_volume_labels(cfg, volume))
@@ -219,7 +211,7 @@ def test_predict_volume_equals_the_whole_volume_path():
 
 def test_predict_volume_on_another_spacing_equals_resampling_the_stack():
     cfg = four_class_config(spacing=(1.0, 1.0, 2.0))
-    volume = io.Volume(image_of((26, 15, 11), seed=9), np.diag([0.7, 1.0, 2.6, 1.0]))
+    volume = volumes.Volume(image_of((26, 15, 11), seed=9), np.diag([0.7, 1.0, 2.6, 1.0]))
     image = normalize(resample_image(volume.array, volume.spacing, cfg.data.spacing), "zscore")
     stack = resample_probabilities(sliding_window(image, FourClassNetwork(), (16, 16, 16), 4), volume.shape)
     expected = np.asarray(cfg.data.class_values)[stack.argmax(0)]
@@ -236,7 +228,7 @@ def test_predict_volume_never_holds_a_float32_volume_per_class():
     """
     shape = (400, 24, 24)
     cfg = four_class_config()
-    volume = io.Volume(image_of(shape, seed=1) * 10 + 5, np.eye(4))
+    volume = volumes.Volume(image_of(shape, seed=1) * 10 + 5, np.eye(4))
     class_volume_bytes = 4 * int(np.prod(shape)) * 4
     model = FourClassNetwork()
     tracemalloc.start()
@@ -253,7 +245,7 @@ def test_ensemble_of_folds_in_one_pass_equals_summed_volumes():
     cfg_a = four_class_config()
     cfg_b = Config(data=DataConfig(labels=cfg_a.data.labels, normalization="none"), model=cfg_a.model,
                    train=cfg_a.train)  # another normalisation: its own input rows in the same pass
-    volume = io.Volume(image_of((21, 17, 19), seed=3), np.eye(4))
+    volume = volumes.Volume(image_of((21, 17, 19), seed=3), np.eye(4))
     seg = predict_volume([FourClassNetwork(), FourClassNetwork()], [cfg_a, cfg_b], volume)
     total = sum(
         sliding_window(normalize(volume.array, c.data.channel_methods), FourClassNetwork(), (16, 16, 16), 4)
@@ -320,7 +312,7 @@ def test_save_probabilities_keeps_the_input_geometry(model_file, tmp_path):
     # the same probabilities as predict_volume's, up to float16
     model, cfg = load_model(model_file)
     expected = np.zeros((3, 19, 14, 9), np.float32)
-    labels = predict_volume(model, cfg, io.read_volume(src), probabilities=expected)
+    labels = predict_volume(model, cfg, volumes.read_volume(src), probabilities=expected)
     np.testing.assert_allclose(p, np.moveaxis(expected, 0, -1), atol=1e-3)
     np.testing.assert_array_equal(np.asarray(seg.dataobj), labels)
     # without --overwrite an existing probability file is refused too
@@ -330,7 +322,7 @@ def test_save_probabilities_keeps_the_input_geometry(model_file, tmp_path):
 
 
 def test_write_probabilities_streams_exact_values_with_an_affine_only_reference(tmp_path):
-    reference = io.Volume(np.zeros((1, 5, 4, 3), np.float32), oblique_affine())  # e.g. read from MHA
+    reference = volumes.Volume(np.zeros((1, 5, 4, 3), np.float32), oblique_affine())  # e.g. read from MHA
     probs = np.random.default_rng(0).random((2, 5, 4, 3)).astype(np.float16)
     write_probabilities(tmp_path / "p.nii.gz", probs, reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.nii.gz"]  # no temporary left behind
@@ -353,11 +345,11 @@ def _exit_code(argv: list[str]) -> int:
 def predict_with_flags(model_file: Path, tmp_path: Path, flags: list[str]) -> np.ndarray:
     """`volseg predict FLAGS` on a 0.5 x 0.5 x 3 mm image (0.75 mm³ voxels); the written labels."""
     src = tmp_path / "img.nii.gz"
-    io.write_volume(src, np.zeros((12, 12, 6), np.float32), affine=np.diag([0.5, 0.5, 3.0, 1.0]))
+    volumes.write_volume(src, np.zeros((12, 12, 6), np.float32), affine=np.diag([0.5, 0.5, 3.0, 1.0]))
     out = tmp_path / f"seg{len(list(tmp_path.iterdir()))}.nii.gz"
     assert _exit_code(["predict", "-m", str(model_file), "-i", str(src), "-o", str(out), "--quiet",
                        "--device", "cpu", *flags]) == 0
-    return io.read_label(out).array[0]
+    return volumes.read_label(out).array[0]
 
 
 @pytest.fixture
@@ -368,9 +360,9 @@ def fixed_prediction(monkeypatch):
     seg[5, 5, 0:2] = 1  # 2 voxels = 1.5 mm³ (anisotropic: 2 voxels along the 3 mm axis)
     seg[8:10, 8:10, 3:5] = 1  # 8 voxels = 6 mm³
     seg[2, 9, 1:4] = 2  # 3 voxels = 2.25 mm³, the largest (and only) of class 2
-    import volseg.inference as inference
+    import volseg.prediction_files as prediction_files
 
-    monkeypatch.setattr(inference, "predict_volume", lambda *args, **kwargs: seg.copy())
+    monkeypatch.setattr(prediction_files, "predict_volume", lambda *args, **kwargs: seg.copy())
     return seg
 
 
@@ -506,15 +498,15 @@ def test_predict_tta_and_compile_flags(model_file, tmp_path):
     from volseg.inference import WindowRunner
 
     src = tmp_path / "img.nii.gz"
-    io.write_volume(src, image_of((20, 18, 11), seed=9)[0], affine=np.diag([0.8, 0.8, 2.0, 1.0]))
+    volumes.write_volume(src, image_of((20, 18, 11), seed=9)[0], affine=np.diag([0.8, 0.8, 2.0, 1.0]))
     out = tmp_path / "tta.nii.gz"
     assert _exit_code(["predict", "-m", str(model_file), "-i", str(src), "-o", str(out), "--quiet", "--device", "cpu",
                        "--tta", "--compile", "off"]) == 0
     model, cfg = load_model(model_file, torch.device("cpu"))
-    volume = io.read_image([src])
+    volume = volumes.read_image([src])
     mirrored = predict_volume(model, cfg, volume, runners=[WindowRunner(model, "cpu", 2, "off", mirror=True)])
     plain = predict_volume(model, cfg, volume)
-    np.testing.assert_array_equal(io.read_label(out).array[0], mirrored)
+    np.testing.assert_array_equal(volumes.read_label(out).array[0], mirrored)
     assert not np.array_equal(mirrored, plain)  # the flips changed some voxels of this random network
     assert _exit_code(["predict", "-m", str(model_file), "-i", str(src), "-o", str(tmp_path / "x.nii.gz"),
                        "--compile", "fast"]) == 2

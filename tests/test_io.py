@@ -1,4 +1,5 @@
-"""volseg.io: geometry survives every read/write, bad files fail with one line, datasets are checked."""
+"""volseg.volumes and volseg.layout: geometry survives every read/write, bad files fail with one line,
+datasets are checked."""
 
 from __future__ import annotations
 
@@ -8,29 +9,17 @@ import json
 import locale
 import os
 from pathlib import Path
+from types import ModuleType
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import volseg.io as vio
+from volseg import layout, volumes
 from volseg.errors import VolsegError
-from volseg.io import (
-    Case,
-    ItkHeader,
-    Volume,
-    case_output_path,
-    check_dataset,
-    list_cases,
-    read_dataset,
-    read_dataset_info,
-    read_image,
-    read_label,
-    read_volume,
-    strip_ending,
-    write_volume,
-)
+from volseg.layout import Case, case_output_path, check_dataset, list_cases, read_dataset, read_dataset_info
+from volseg.volumes import ItkHeader, Volume, read_image, read_label, read_volume, strip_ending, write_volume
 
 SHAPE = (5, 6, 7)  # odd, all different: any axis mix-up changes the shape
 
@@ -76,8 +65,9 @@ def lps_to_ras(point: tuple[float, ...]) -> np.ndarray:
     return np.array([-point[0], -point[1], point[2]])
 
 
-def test_doctests() -> None:
-    assert doctest.testmod(vio).failed == 0
+@pytest.mark.parametrize("module", [volumes, layout])
+def test_doctests(module: ModuleType) -> None:
+    assert doctest.testmod(module).failed == 0
 
 
 # ---------------------------------------------------------------------------------------- NIfTI

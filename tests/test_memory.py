@@ -140,10 +140,10 @@ def test_a_device_too_small_for_any_patch_is_a_clear_error():
 
 
 def test_device_plan_records_the_memory_in_the_fingerprint(tiny_dataset):
-    from volseg import io
+    from volseg import layout
     from volseg.planning import data_config_from_dataset
 
-    info, cases = io.read_dataset(tiny_dataset)
+    info, cases = layout.read_dataset(tiny_dataset)
     cfg, fingerprint = make_device_plan(data_config_from_dataset(info), cases, torch.device("cpu"))
     assert fingerprint["device"] == "cpu" and fingerprint["device_memory_gib"] > 0
     assert fingerprint["step_memory_bound_gib"] <= fingerprint["step_memory_budget_gib"]

@@ -148,7 +148,7 @@ def test_make_plan_ct_channel_and_anisotropic_spacing(tmp_path):
     """A CT channel gets clip + global z-score statistics from the labelled voxels; spacing is planned."""
     import json
 
-    from volseg import io
+    from volseg import layout, volumes
     from volseg.planning import make_plan
     from volseg.planning import data_config_from_dataset
 
@@ -160,11 +160,11 @@ def test_make_plan_ct_channel_and_anisotropic_spacing(tmp_path):
         label[10:20, 10:20, 2:6] = 1
         image[label == 1] = rng.normal(60, 20, size=int(label.sum()))
         affine = np.diag([*spacing, 1.0])
-        io.write_volume(root / "imagesTr" / f"c{i}_0000.nii.gz", image, affine=affine)
-        io.write_volume(root / "labelsTr" / f"c{i}.nii.gz", label, affine=affine)
+        volumes.write_volume(root / "imagesTr" / f"c{i}_0000.nii.gz", image, affine=affine)
+        volumes.write_volume(root / "labelsTr" / f"c{i}.nii.gz", label, affine=affine)
     (root / "dataset.json").write_text(json.dumps(
         {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz"}))
-    info, cases = io.read_dataset(root)
+    info, cases = layout.read_dataset(root)
     cfg, fingerprint = make_plan(data_config_from_dataset(info), cases, "cpu")
     assert cfg.data.channel_methods == ("ct",)
     lo, hi, mean, std = cfg.data.intensity_stats[0]
@@ -235,7 +235,7 @@ def test_thick_slice_mri_plan_coarsens_in_plane_and_sees_most_of_the_slice():
 def write_lesion_dataset(root, n=4, zero_background=True):
     import json
 
-    from volseg import io
+    from volseg import volumes
 
     rng = np.random.default_rng(1)
     for i in range(n):
@@ -247,8 +247,8 @@ def write_lesion_dataset(root, n=4, zero_background=True):
         label[30:36, 30:38, 3:5] = 1
         affine = np.diag([1.0, 1.0, 5.0, 1.0])
         for c in range(2):
-            io.write_volume(root / "imagesTr" / f"c{i}_{c:04d}.nii.gz", image[c], affine=affine)
-        io.write_volume(root / "labelsTr" / f"c{i}.nii.gz", label, affine=affine)
+            volumes.write_volume(root / "imagesTr" / f"c{i}_{c:04d}.nii.gz", image[c], affine=affine)
+        volumes.write_volume(root / "labelsTr" / f"c{i}.nii.gz", label, affine=affine)
     (root / "dataset.json").write_text(json.dumps(
         {"channel_names": {"0": "T1c", "1": "FLAIR"}, "labels": {"background": 0, "tumour": 1}, "file_ending": ".nii.gz"}))
     return root
@@ -257,10 +257,10 @@ def write_lesion_dataset(root, n=4, zero_background=True):
 def test_plan_run_explains_each_choice_and_measures_objects(tmp_path):
     import torch
 
-    from volseg import io
+    from volseg import layout
     from volseg.planning import plan_run
 
-    info, cases = io.read_dataset(write_lesion_dataset(tmp_path / "d"))
+    info, cases = layout.read_dataset(write_lesion_dataset(tmp_path / "d"))
     cfg, fingerprint, reasons = plan_run(info, cases, torch.device("cpu"), max_minutes=60, timer=lambda c: 0.01)
     assert fingerprint["object_extent_mm_p90"] == [6.0, 8.0, 10.0]
     assert fingerprint["background_fraction"] > 0.4 and cfg.data.channel_methods == ("zscore_nonzero",) * 2
@@ -274,10 +274,10 @@ def test_plan_run_explains_each_choice_and_measures_objects(tmp_path):
 def test_noisy_background_keeps_plain_zscore(tmp_path):
     import torch
 
-    from volseg import io
+    from volseg import layout
     from volseg.planning import plan_run
 
-    info, cases = io.read_dataset(write_lesion_dataset(tmp_path / "d", zero_background=False))
+    info, cases = layout.read_dataset(write_lesion_dataset(tmp_path / "d", zero_background=False))
     cfg, _, _ = plan_run(info, cases, torch.device("cpu"), max_minutes=60, timer=lambda c: 0.01)
     assert cfg.data.channel_methods == ("zscore", "zscore")
 
@@ -285,10 +285,10 @@ def test_noisy_background_keeps_plain_zscore(tmp_path):
 def test_the_planned_patch_is_kept_unless_the_budget_is_too_short_for_a_few_hundred_steps(tmp_path):
     import torch
 
-    from volseg import io, memory
+    from volseg import layout, memory
     from volseg.planning import MIN_PATCH_STEPS, plan_run
 
-    info, cases = io.read_dataset(write_lesion_dataset(tmp_path / "d"))
+    info, cases = layout.read_dataset(write_lesion_dataset(tmp_path / "d"))
     full, _, _ = plan_run(info, cases, torch.device("cpu"), max_minutes=600, timer=lambda c: 0.01)
     voxels = float(np.prod(full.train.patch_size))
 

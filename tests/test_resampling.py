@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volseg import io
+from volseg import volumes
 from volseg.planning import plan_spacing
 from volseg.preprocessing import (
     needs_resampling,
@@ -71,15 +71,15 @@ def test_predict_on_a_finer_grid_returns_that_grid(trained_run: tuple[Path, dict
     from volseg.inference import predict_volume
 
     model, cfg = volseg.load_model(trained_run[0])
-    image = io.read_image(sorted((tiny_dataset / "imagesTs").iterdir())[:1])
+    image = volumes.read_image(sorted((tiny_dataset / "imagesTs").iterdir())[:1])
     native = predict_volume(model, cfg, image)
     # the same anatomy sampled twice as finely along I (nearest upsampling keeps it exact)
     fine = np.repeat(image.array, 2, axis=1)
     affine = image.affine.copy()
     affine[:3, 0] /= 2
     affine[:3, 3] -= image.affine[:3, 0] / 4  # voxel centres of the finer grid
-    io.write_volume(tmp_path / "fine.nii.gz", fine, affine=affine)
-    fine_vol = io.read_volume(tmp_path / "fine.nii.gz")
+    volumes.write_volume(tmp_path / "fine.nii.gz", fine, affine=affine)
+    fine_vol = volumes.read_volume(tmp_path / "fine.nii.gz")
     assert needs_resampling(fine_vol.spacing, cfg.data.spacing)
     seg = predict_volume(model, cfg, fine_vol)
     assert seg.shape == fine.shape[1:]

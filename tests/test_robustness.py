@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from volseg import io, synthetic
+from volseg import atomic, layout, synthetic, volumes
 from volseg.checkpoint import load_model, read_model_file, save_model
 from volseg.cli import main
 from volseg.errors import VolsegError
@@ -94,7 +94,7 @@ def model_file(trained_run) -> Path:
 def _truncated(ending: str) -> Callable[[Path], Path]:
     def make(folder: Path) -> Path:
         whole = folder / f"whole{ending}"
-        io.write_volume(whole, raw_image(), affine=AFFINE)
+        volumes.write_volume(whole, raw_image(), affine=AFFINE)
         data = whole.read_bytes()
         path = folder / f"cut{ending}"
         path.write_bytes(data[: len(data) * 2 // 3])
@@ -160,7 +160,7 @@ def _with_value(value: float) -> Callable[[Path], Path]:
         image[3, 4, 5] = value
         image[0, 0, 0] = value
         path = folder / "scan.nii.gz"
-        io.write_volume(path, image, affine=AFFINE)
+        volumes.write_volume(path, image, affine=AFFINE)
         return path
 
     return make
@@ -207,10 +207,10 @@ def test_predict_refuses_empty_folder(model_file, tmp_path, capfd):
 def test_check_reports_nan_voxels_in_training_images(tmp_path, capfd):
     root = synthetic.write_dataset(tmp_path / "ds", n_cases=2, shape_vox=(10, 9, 8), spacing_mm=(1, 1, 2))
     path = root / "imagesTr" / "case_001_0000.nii.gz"
-    image = io.read_volume(path)
+    image = volumes.read_volume(path)
     array = image.array[0].copy()
     array[1, 2, 3] = np.nan
-    io.write_volume(path, array, reference=image)
+    volumes.write_volume(path, array, reference=image)
     problem = check_problems(root, capfd)
     assert problem == [f"{path}: has 1 NaN or Inf voxels"]
 
@@ -223,10 +223,10 @@ def _predicts_valid_segmentation(
     model_file: Path, image: np.ndarray, affine: np.ndarray, folder: Path, capfd
 ) -> np.ndarray:
     src, out = folder / "odd_0000.nii.gz", folder / "odd_seg.nii.gz"
-    io.write_volume(src, image, affine=affine)
+    volumes.write_volume(src, image, affine=affine)
     assert run_cli(predict(model_file, src, out)) == 0
     assert "wrote 1 segmentation(s)" in capfd.readouterr().out
-    seg = io.read_label(out)
+    seg = volumes.read_label(out)
     assert seg.shape == image.shape
     np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
     assert set(np.unique(seg.array).tolist()) <= {0, 1, 2}
@@ -278,13 +278,13 @@ def two_channel_model(model_file, tmp_path_factory) -> Path:
 
 def test_single_file_for_a_two_channel_model(two_channel_model, tmp_path, capfd):
     src = tmp_path / "scan_0000.nii.gz"
-    io.write_volume(src, raw_image(), affine=AFFINE)
+    volumes.write_volume(src, raw_image(), affine=AFFINE)
     refused(predict(two_channel_model, src, tmp_path / "out"), capfd, src, "the model needs 2 channels")
 
 
 def test_folder_missing_a_channel_for_a_two_channel_model(two_channel_model, tmp_path, capfd):
     inputs = tmp_path / "in"
-    io.write_volume(inputs / "scan_0000.nii.gz", raw_image(), affine=AFFINE)
+    volumes.write_volume(inputs / "scan_0000.nii.gz", raw_image(), affine=AFFINE)
     refused(predict(two_channel_model, inputs, tmp_path / "out"), capfd, inputs / "scan_0001.nii.gz",
             "channel 1 of case 'scan' is missing")
     assert not (tmp_path / "out").exists()
@@ -293,17 +293,17 @@ def test_folder_missing_a_channel_for_a_two_channel_model(two_channel_model, tmp
 def test_extra_channel_for_a_one_channel_model(model_file, tmp_path, capfd):
     inputs = tmp_path / "in"
     for c in range(2):
-        io.write_volume(inputs / f"scan_{c:04d}.nii.gz", raw_image(c), affine=AFFINE)
+        volumes.write_volume(inputs / f"scan_{c:04d}.nii.gz", raw_image(c), affine=AFFINE)
     refused(predict(model_file, inputs, tmp_path / "out"), capfd, inputs / "scan_0001.nii.gz",
             "beyond the 1 declared channel(s)")
 
 
 def test_channels_on_different_grids(two_channel_model, tmp_path, capfd):
     inputs = tmp_path / "in"
-    io.write_volume(inputs / "scan_0000.nii.gz", raw_image(), affine=AFFINE)
+    volumes.write_volume(inputs / "scan_0000.nii.gz", raw_image(), affine=AFFINE)
     shifted = AFFINE.copy()
     shifted[0, 3] += 5.0
-    io.write_volume(inputs / "scan_0001.nii.gz", raw_image(1), affine=shifted)
+    volumes.write_volume(inputs / "scan_0001.nii.gz", raw_image(1), affine=shifted)
     refused(predict(two_channel_model, inputs, tmp_path / "out"), capfd, inputs / "scan_0001.nii.gz",
             "affine differs from channel 0")
 
@@ -318,7 +318,7 @@ def test_model_file_from_an_incompatible_version(model_file, tmp_path, capfd):
     future = tmp_path / "future.safetensors"
     save_file(tensors, str(future), metadata=meta)
     src = tmp_path / "scan.nii.gz"
-    io.write_volume(src, raw_image(), affine=AFFINE)
+    volumes.write_volume(src, raw_image(), affine=AFFINE)
     refused(predict(future, src, tmp_path / "out"), capfd, future, "config format version 999 is not supported")
     refused(["info", future], capfd, future, "version 999")
 
@@ -329,7 +329,7 @@ def test_model_file_from_an_incompatible_version(model_file, tmp_path, capfd):
 
 def test_existing_output_file_is_refused_unless_overwrite(model_file, tmp_path, capfd):
     src, out = tmp_path / "scan.nii.gz", tmp_path / "seg.nii.gz"
-    io.write_volume(src, raw_image(), affine=AFFINE)
+    volumes.write_volume(src, raw_image(), affine=AFFINE)
     out.write_bytes(b"a good result")
     refused(predict(model_file, src, out), capfd, out, "output already exists", "--overwrite")
     assert out.read_bytes() == b"a good result"
@@ -341,13 +341,13 @@ def test_existing_output_file_is_refused_unless_overwrite(model_file, tmp_path, 
     refused(predict(model_file, src, out, "--continue", "--overwrite"), capfd, "--overwrite and --continue")
 
     assert run_cli(predict(model_file, src, out, "--overwrite")) == 0
-    assert io.read_label(out).shape == SHAPE_VOX
+    assert volumes.read_label(out).shape == SHAPE_VOX
     assert files_under(tmp_path) == ["scan.nii.gz", "seg.nii.gz"]
 
 
 def test_output_folder_that_is_a_file(model_file, tmp_path, capfd):
     inputs = tmp_path / "in"
-    io.write_volume(inputs / "scan_0000.nii.gz", raw_image(), affine=AFFINE)
+    volumes.write_volume(inputs / "scan_0000.nii.gz", raw_image(), affine=AFFINE)
     (tmp_path / "out").write_text("a file")
     refused(predict(model_file, inputs, tmp_path / "out"), capfd, tmp_path / "out", "is a file")
 
@@ -360,8 +360,8 @@ def test_no_space_left_on_device(model_file, tmp_path, capfd, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     src, out = tmp_path / "scan.nii.gz", tmp_path / "out"
-    io.write_volume(src, raw_image(), affine=AFFINE)
-    monkeypatch.setattr(io, "_write_nifti", full_disk)
+    volumes.write_volume(src, raw_image(), affine=AFFINE)
+    monkeypatch.setattr(volumes, "_write_nifti", full_disk)
     line = refused(predict(model_file, src, out), capfd, out / "scan.nii.gz", "cannot write: No space left on device")
     assert ".tmp-" not in line  # the temporary's name would only confuse
     assert files_under(out) == []
@@ -394,25 +394,25 @@ def _train(root: Path, out: Path) -> list[str | Path]:
 @pytest.mark.parametrize("change", ["shape", "affine"])
 def test_label_off_the_image_grid(small_dataset, tmp_path, capfd, change):
     label_path = small_dataset / "labelsTr" / "case_001.nii.gz"
-    label = io.read_label(label_path)
+    label = volumes.read_label(label_path)
     if change == "shape":
-        io.write_volume(label_path, label.array[0][:, :, :-2], affine=label.affine)
+        volumes.write_volume(label_path, label.array[0][:, :, :-2], affine=label.affine)
         fragment = "shape (10, 9, 6) differs from the image"
     else:
         affine = label.affine.copy()
         affine[2, 3] += 4.0  # two slices off
-        io.write_volume(label_path, label.array[0], affine=affine)
+        volumes.write_volume(label_path, label.array[0], affine=affine)
         fragment = "affine differs from the image"
     # train refuses before any work; check lists it; evaluate refuses the pair
     refused(_train(small_dataset, tmp_path / "run"), capfd, label_path, fragment)
     assert not (tmp_path / "run").exists()
     [problem] = check_problems(small_dataset, capfd)
     assert problem.startswith(f"{label_path}: ") and fragment in problem
-    case = io.Case("case_001", (small_dataset / "imagesTr" / "case_001_0000.nii.gz",), label_path)
+    case = layout.Case("case_001", (small_dataset / "imagesTr" / "case_001_0000.nii.gz",), label_path)
     with pytest.raises(VolsegError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        io.read_case(case)  # the full read, for loaders that want image and label together
+        layout.read_case(case)  # the full read, for loaders that want image and label together
     pred = tmp_path / "pred"
-    io.write_volume(pred / "case_001.nii.gz", io.read_label(label_path).array[0], affine=AFFINE)
+    volumes.write_volume(pred / "case_001.nii.gz", volumes.read_label(label_path).array[0], affine=AFFINE)
     refused(["evaluate", pred, small_dataset / "labelsTr", "-o", tmp_path / "m.csv", "--no-plot"], capfd,
             pred / "case_001.nii.gz", "geometry differs")
     assert not (tmp_path / "m.csv").exists()
@@ -420,16 +420,16 @@ def test_label_off_the_image_grid(small_dataset, tmp_path, capfd, change):
 
 def test_label_values_not_in_dataset_json(small_dataset, tmp_path, capfd):
     label_path = small_dataset / "labelsTr" / "case_002.nii.gz"
-    label = io.read_label(label_path)
+    label = volumes.read_label(label_path)
     array = label.array[0].copy()
     array[0, 0, :2] = 9
-    io.write_volume(label_path, array, reference=label)
+    volumes.write_volume(label_path, array, reference=label)
     [problem] = check_problems(small_dataset, capfd)
     assert problem == f"{label_path}: holds label values [9] not declared in dataset.json (declared [0, 1, 2])"
     # the library's case reader refuses them too (for train, see docs/errors.md)
-    case = io.read_dataset(small_dataset)[1][2]
+    case = layout.read_dataset(small_dataset)[1][2]
     with pytest.raises(VolsegError, match=r"label values \[9\] not declared"):
-        io.read_case(case, declared={0, 1, 2})
+        layout.read_case(case, declared={0, 1, 2})
 
 
 BAD_DATASET_JSON = {
@@ -471,10 +471,10 @@ def test_empty_dataset_and_prediction_folders(tmp_path, capfd):
 def test_read_dataset_finds_misaligned_channels_from_headers(tmp_path):
     root = synthetic.write_dataset(tmp_path / "ds", n_cases=2, shape_vox=(10, 9, 8), n_channels=2, seed=1)
     path = root / "imagesTr" / "case_000_0001.nii.gz"
-    volume = io.read_volume(path)
-    io.write_volume(path, volume.array[0][:-1], affine=volume.affine)
+    volume = volumes.read_volume(path)
+    volumes.write_volume(path, volume.array[0][:-1], affine=volume.affine)
     with pytest.raises(VolsegError, match=r"case_000_0001.nii.gz: shape \(9, 9, 8\) differs from channel 0"):
-        io.read_dataset(root)
+        layout.read_dataset(root)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,7 +489,7 @@ def test_killed_predict_resumes_with_continue(model_file, tmp_path, capfd, src_e
     inputs, out = tmp_path / "in", tmp_path / "out"
     names = [f"case_{i}" for i in range(6)]
     for i, name in enumerate(names):
-        io.write_volume(inputs / f"{name}_0000.nii.gz", raw_image(i, (40, 36, 24)), affine=AFFINE)
+        volumes.write_volume(inputs / f"{name}_0000.nii.gz", raw_image(i, (40, 36, 24)), affine=AFFINE)
     env = src_env
     proc = subprocess.Popen([sys.executable, "-m", "volseg", *map(str, predict(model_file, inputs, out))], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -504,7 +504,7 @@ def test_killed_predict_resumes_with_continue(model_file, tmp_path, capfd, src_e
     done = _visible(out)
     assert 1 <= len(done) < len(names), done  # killed part-way
     for name in done:  # what carries a final name is complete
-        assert io.read_label(out / name).shape == (40, 36, 24)
+        assert volumes.read_label(out / name).shape == (40, 36, 24)
     leftovers = sorted(set(os.listdir(out)) - set(done))
     assert all(f".tmp-{proc.pid}" in name for name in leftovers), leftovers  # only its own temporaries
     stale = out / f".case_5.tmp-{proc.pid}.nii.gz"  # as if the kill had landed during a write
@@ -522,12 +522,12 @@ def test_bad_case_part_way_through_a_folder(model_file, tmp_path, capfd):
     """The cases before a bad one stay done; the message says how to resume after fixing it."""
     inputs, out = tmp_path / "in", tmp_path / "out"
     for i in range(3):
-        io.write_volume(inputs / f"case_{i}_0000.nii.gz", raw_image(i), affine=AFFINE)
+        volumes.write_volume(inputs / f"case_{i}_0000.nii.gz", raw_image(i), affine=AFFINE)
     bad = inputs / "case_2_0000.nii.gz"
     bad.write_bytes(bad.read_bytes()[:200])
     refused(predict(model_file, inputs, out), capfd, bad, "2 case(s) done; fix this one and rerun with --continue")
     assert files_under(out) == ["case_0.nii.gz", "case_1.nii.gz"]
-    io.write_volume(bad, raw_image(2), affine=AFFINE)
+    volumes.write_volume(bad, raw_image(2), affine=AFFINE)
     assert run_cli(predict(model_file, inputs, out, "--continue")) == 0
     assert "wrote 1 segmentation(s)" in capfd.readouterr().out
     assert files_under(out) == ["case_0.nii.gz", "case_1.nii.gz", "case_2.nii.gz"]
@@ -541,7 +541,7 @@ def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
     for path in (mine, dead, other):
         path.write_bytes(b"x")
     folder.mkdir()
-    assert io.remove_stale_temporaries(tmp_path) == sorted([dead, folder])
+    assert atomic.remove_stale_temporaries(tmp_path) == sorted([dead, folder])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name])
 
 
@@ -575,13 +575,13 @@ def test_io_round_trip(tmp_path, shape, dtype, affine, ending, seed):
     info = np.iinfo(dtype) if dtype.startswith(("int", "uint")) else np.finfo(dtype)
     array = np.random.default_rng(seed).uniform(max(info.min, -1e6), min(info.max, 1e6), size=shape).astype(dtype)
     path = tmp_path / f"vol_{seed}{ending}"
-    io.write_volume(path, array, affine=affine)
-    volume = io.read_volume(path)
+    volumes.write_volume(path, array, affine=affine)
+    volume = volumes.read_volume(path)
     assert volume.array.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(volume.array[0], array)
     np.testing.assert_allclose(volume.affine, affine, rtol=1e-6, atol=1e-4)
-    io.write_volume(path, volume.array, reference=volume)  # again, through the kept header: bit-exact
-    again = io.read_volume(path)
+    volumes.write_volume(path, volume.array, reference=volume)  # again, through the kept header: bit-exact
+    again = volumes.read_volume(path)
     np.testing.assert_array_equal(again.array, volume.array)
     # NIfTI and MetaImage keep the header verbatim; NRRD stores spacing x direction, so 1 ulp may move
     np.testing.assert_allclose(again.affine, volume.affine, rtol=0, atol=1e-12 if ending == ".nrrd" else 0)
@@ -593,7 +593,7 @@ def valid_files(tmp_path_factory) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("valid")
     out = {}
     for ending in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        io.write_volume(folder / f"v{ending}", raw_image(7, (6, 5, 4)), affine=AFFINE)
+        volumes.write_volume(folder / f"v{ending}", raw_image(7, (6, 5, 4)), affine=AFFINE)
         out[ending] = (folder / f"v{ending}").read_bytes()
     return out
 
@@ -609,7 +609,7 @@ def test_damaged_files_raise_volseg_error_or_read(valid_files, tmp_path, ending,
     path = tmp_path / f"damaged{ending}"
     path.write_bytes(bytes(data[: max(1, int(cut * len(data)))]))
     try:
-        volume = io.read_volume(path)
+        volume = volumes.read_volume(path)
     except VolsegError as exc:
         assert exc.path == str(path) and "\n" not in exc.message
     else:

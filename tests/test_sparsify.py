@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from volseg import io
+from volseg import layout, volumes
 from volseg.cli import main
 from volseg.config import DataConfig
 from volseg.data import preprocess_case, sample_patch
@@ -49,19 +49,19 @@ def test_sparse_mask_is_whole_orthogonal_slices() -> None:
 def test_sparsify_dataset_writes_ignore_label_and_dense_copy(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "sparse"
     result = sparsify_dataset(tiny_dataset, out, slices_per_axis=1, progress=False)
-    info, cases = io.read_dataset(out)
+    info, cases = layout.read_dataset(out)
     assert info.ignore_label == 3 and dict(info.labels)["ignore"] == 3
-    assert io.check_dataset(out) == []
+    assert layout.check_dataset(out) == []
     total = labelled = 0
     for case in cases:
-        sparse = io.read_label(case.label).array[0]
-        dense = io.read_label(out / DENSE_LABELS / case.label.name).array[0]
+        sparse = volumes.read_label(case.label).array[0]
+        dense = volumes.read_label(out / DENSE_LABELS / case.label.name).array[0]
         keep = sparse != 3
         # labelled voxels keep their dense value; unlabelled ones are exactly the non-slice voxels
         np.testing.assert_array_equal(sparse[keep], dense[keep])
         np.testing.assert_array_equal(keep, sparse_slice_mask(sparse.shape, slices_per_axis=1))
         # geometry unchanged
-        np.testing.assert_allclose(io.read_label(case.label).affine, io.read_volume(case.images[0]).affine)
+        np.testing.assert_allclose(volumes.read_label(case.label).affine, volumes.read_volume(case.images[0]).affine)
         total += keep.size
         labelled += keep.sum()
     assert result["labelled_fraction"] == pytest.approx(labelled / total)
@@ -98,11 +98,11 @@ def test_every_sparse_patch_holds_labelled_voxels(tmp_path: Path) -> None:
     label[:, :, 40] = 0
     label[20:30, 20:30, 40] = 1
     root = tmp_path / "ds"
-    io.write_volume(root / "imagesTr" / "a_0000.nii.gz", np.random.default_rng(0).normal(size=shape).astype(np.float32))
-    io.write_volume(root / "labelsTr" / "a.nii.gz", label)
+    volumes.write_volume(root / "imagesTr" / "a_0000.nii.gz", np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    volumes.write_volume(root / "labelsTr" / "a.nii.gz", label)
     (root / "dataset.json").write_text(json.dumps(
         {"channel_names": {"0": "x"}, "labels": {"background": 0, "fg": 1, "ignore": 2}, "file_ending": ".nii.gz"}))
-    info, cases = io.read_dataset(root)
+    info, cases = layout.read_dataset(root)
     data = DataConfig(channel_names=info.channel_names, labels=info.labels, ignore_label=info.ignore_label)
     case = preprocess_case(cases[0], data, tmp_path / "cache")
     assert case.weight is not None and case.labelled_voxels is not None
@@ -125,7 +125,7 @@ def test_training_on_sparse_labels_reports_dense_dice(tiny_dataset: Path, tmp_pa
     header = (tmp_path / "run" / METRICS_CSV).read_text().splitlines()[0].split(",")
     assert "val_dense_dice" in header and "val_dice" in header
     # the model predicts dense labels only (never the ignore value)
-    from volseg.inference import predict_paths
+    from volseg.prediction_files import predict_paths
 
     pred = tmp_path / "pred"
     predict_paths(tmp_path / "run", tiny_dataset / "imagesTs", pred, device="cpu", progress=False)
@@ -142,8 +142,8 @@ def test_evaluate_against_sparse_reference_scores_labelled_voxels_only(tmp_path:
     ref[2:6, 2:6, 5] = 1
     pred = np.zeros((10, 10, 10), np.uint8)
     pred[2:6, 2:6, :] = 1  # right on the labelled slice; the rest is unlabelled and must not count
-    io.write_volume(tmp_path / "ref" / "a.nii.gz", ref)
-    io.write_volume(tmp_path / "pred" / "a.nii.gz", pred)
+    volumes.write_volume(tmp_path / "ref" / "a.nii.gz", ref)
+    volumes.write_volume(tmp_path / "pred" / "a.nii.gz", pred)
     rows = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "fg"}, ignore_label=9)
     assert rows[0]["dice"] == pytest.approx(1.0) and rows[0]["n_pred"] == 16
     plain = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "fg"})

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from volseg import io
+from volseg import layout, volumes
 from volseg.cli import main
 from volseg.errors import VolsegError
 from volseg.preprocessing import slice_indices, sparse_slice_mask
@@ -203,23 +203,23 @@ def sparse_dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_apply_suggestions_labels_the_slices_from_the_dense_labels(sparse_dataset: Path, tmp_path: Path) -> None:
-    info, cases = io.read_dataset(sparse_dataset)
+    info, cases = layout.read_dataset(sparse_dataset)
     case = cases[0]
     rows = [{"case": case.case_id, "axis": 2, "index": 1}, {"case": case.case_id, "axis": 0, "index": 0}]
     out = tmp_path / "round1"
     result = apply_suggestions(sparse_dataset, rows, out)
     assert result["slices_added"] == 2
-    before = io.read_label(case.label).array[0]
-    after = io.read_label(out / "labelsTr" / case.label.name).array[0]
-    dense = io.read_label(sparse_dataset / DENSE_LABELS / case.label.name).array[0]
+    before = volumes.read_label(case.label).array[0]
+    after = volumes.read_label(out / "labelsTr" / case.label.name).array[0]
+    dense = volumes.read_label(sparse_dataset / DENSE_LABELS / case.label.name).array[0]
     added = slices_mask(before.shape, [(2, 1), (0, 0)])
     np.testing.assert_array_equal(after[added], dense[added])
     np.testing.assert_array_equal(after[~added], before[~added])
     assert labelled_slices(after != info.ignore_label, 2)[1]
     # the other cases are unchanged, and the copy is a dataset volseg accepts
     other = cases[1].label.name
-    np.testing.assert_array_equal(io.read_label(out / "labelsTr" / other).array, io.read_label(cases[1].label).array)
-    assert io.check_dataset(out) == []
+    np.testing.assert_array_equal(volumes.read_label(out / "labelsTr" / other).array, volumes.read_label(cases[1].label).array)
+    assert layout.check_dataset(out) == []
     meta = json.loads((out / "dataset.json").read_text())["sparsify"]
     assert meta["added_slices"] == [{case.case_id: [[2, 1], [0, 0]]}]
     assert meta["labelled_fraction"] == pytest.approx(result["labelled_fraction"])
@@ -245,13 +245,13 @@ def test_cli_suggest_slices_end_to_end(
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
         rows = list(reader)
-    info, cases = io.read_dataset(sparse_dataset)
+    info, cases = layout.read_dataset(sparse_dataset)
     assert {r["case"] for r in rows} == {c.case_id for c in cases}
     for case in cases:
         mine = [r for r in rows if r["case"] == case.case_id]
         assert [int(r["rank"]) for r in mine] == [1, 2]
         assert float(mine[0]["score"]) >= float(mine[1]["score"])
-        labelled = io.read_label(case.label).array[0] != info.ignore_label
+        labelled = volumes.read_label(case.label).array[0] != info.ignore_label
         assert float(mine[0]["labelled_fraction_before"]) == pytest.approx(labelled.mean(), abs=1e-5)
         for r in mine:
             axis, index = int(r["axis"]), int(r["index"])

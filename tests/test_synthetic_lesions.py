@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 import volseg.synthetic_lesions as vles
-from volseg import io
+from volseg import layout, volumes
 from volseg.errors import VolsegError
 from volseg.synthetic_lesions import LESION_CM3, make_lesion_case, write_lesion_dataset
 
@@ -84,8 +84,8 @@ def test_dataset_layout_and_check(tmp_path):
     assert meta["channel_names"] == {"0": "T1c", "1": "FLAIR"} and meta["labels"] == {"background": 0, "tumour": 1}
     assert meta["numTraining"] == 2
     assert (out / "imagesTs" / "case_002_0001.nii.gz").exists() and (out / "labelsTs" / "case_002.nii.gz").exists()
-    assert io.check_dataset(out) == []  # the channels share one grid with the label
-    t1, fl = (io.read_volume(out / "imagesTr" / f"case_000_{c:04d}.nii.gz") for c in range(2))
+    assert layout.check_dataset(out) == []  # the channels share one grid with the label
+    t1, fl = (volumes.read_volume(out / "imagesTr" / f"case_000_{c:04d}.nii.gz") for c in range(2))
     assert np.allclose(t1.affine, fl.affine) and t1.spacing[0] == pytest.approx(256 / 48)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from volseg import io
+from volseg import layout
 from volseg.checkpoint import MODEL_BEST, MODEL_LAST, TRAIN_STATE, read_model_file
 from volseg.config import Config, DataConfig, InferConfig, ModelConfig, TrainConfig
 from volseg.data import CaseData
@@ -71,7 +71,7 @@ def test_run_folder_holds_models_state_metrics_config_and_split(trained_run, tin
     assert extra["epoch"] == 2
 
     split = json.loads((run_dir / SPLIT_JSON).read_text())
-    _, cases = io.read_dataset(tiny_dataset)
+    _, cases = layout.read_dataset(tiny_dataset)
     assert not set(split["train"]) & set(split["val"])
     assert sorted(split["train"] + split["val"]) == sorted(c.case_id for c in cases)
     assert (split["train"], split["val"]) == split_cases([c.case_id for c in cases], cfg.train.val_fraction, 0)
@@ -164,7 +164,7 @@ def test_poly_lr():
 
 
 def test_data_config_from_dataset(tiny_dataset):
-    info = io.read_dataset_info(tiny_dataset)
+    info = layout.read_dataset_info(tiny_dataset)
     data = data_config_from_dataset(info)
     assert data.channel_names == ("ch0",)
     assert data.class_values == (0, 1, 2)

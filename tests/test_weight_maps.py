@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from volseg import io
+from volseg import layout, volumes
 from volseg.config import DataConfig
 from volseg.data import instance_file, preprocess_case, sample_batch
 from volseg.synthetic import make_touching_objects, write_touching_dataset
@@ -44,12 +44,12 @@ def test_touching_objects_are_separated_by_a_gap():
 
 
 def test_weight_map_cached_and_recomputed_when_parameters_change(touching, tmp_path):
-    _, cases = io.read_dataset(touching)
+    _, cases = layout.read_dataset(touching)
     case = cases[0]
     assert instance_file(case) == touching / "instancesTr" / "case_000.nii.gz"
     cache = tmp_path / "cache"
     first = preprocess_case(case, DATA, cache, SPEC)
-    instances = io.read_label(instance_file(case)).array[0]
+    instances = volumes.read_label(instance_file(case)).array[0]
     expected = border_weights(instances, (1.0, 1.0, 1.5), w0=10.0, sigma_mm=2.0) + 1.0
     np.testing.assert_allclose(np.asarray(first.loss_weight), expected, atol=1e-5)
     stamp = (cache / "case_000_wmap.npy").stat().st_mtime_ns
@@ -74,15 +74,15 @@ def test_instances_separate_what_connected_components_cannot(tmp_path):
     root = tmp_path / "ds"
     for sub in ("imagesTr", "labelsTr"):
         (root / sub).mkdir(parents=True)
-    io.write_volume(root / "imagesTr" / "a_0000.nii.gz", image)
-    io.write_volume(root / "labelsTr" / "a.nii.gz", label)
+    volumes.write_volume(root / "imagesTr" / "a_0000.nii.gz", image)
+    volumes.write_volume(root / "labelsTr" / "a.nii.gz", label)
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "x"}, "labels": {"background": 0, "object": 1},
                                                    "file_ending": ".nii.gz"}))
-    _, cases = io.read_dataset(root)
+    _, cases = layout.read_dataset(root)
     without = preprocess_case(cases[0], DATA, tmp_path / "c1", SPEC)
     assert np.asarray(without.loss_weight).max() == pytest.approx(1.0)  # one component: no border term
     (root / "instancesTr").mkdir()
-    io.write_volume(root / "instancesTr" / "a.nii.gz", instances)
+    volumes.write_volume(root / "instancesTr" / "a.nii.gz", instances)
     with_inst = preprocess_case(cases[0], DATA, tmp_path / "c2", SPEC)
     w = np.asarray(with_inst.loss_weight)
     assert w.max() > 1.5  # background next to the contact line
@@ -94,7 +94,7 @@ def test_unlabelled_voxels_keep_weight_zero_and_batches_carry_the_map(touching, 
 
     sparse = tmp_path / "sparse"
     sparsify_dataset(touching, sparse, slices_per_axis=1, progress=False)
-    info, cases = io.read_dataset(sparse)
+    info, cases = layout.read_dataset(sparse)
     data = DataConfig(labels=info.labels, ignore_label=info.ignore_label)
     case = preprocess_case(cases[0], data, tmp_path / "cache", {**SPEC, "class_balance": True})
     w = np.asarray(case.loss_weight)

@@ -107,13 +107,13 @@ def plan_command(
 ) -> None:
     """Fingerprint a dataset and write an editable training plan (spacing, normalisation, patch, network, width),
     explaining each choice in one line."""
-    from volseg import io
+    from volseg import layout
     from volseg.inference import autocast_dtype, resolve_device
     from volseg.planning import plan_run
 
     if output.exists() and not overwrite:
         raise VolsegError(output, "output already exists", "pass --overwrite to replace it")
-    info, cases = io.read_dataset(dataset)
+    info, cases = layout.read_dataset(dataset)
     dev = resolve_device(device)
     cfg, fingerprint, reasons = plan_run(info, cases, dev, max_minutes=max_minutes, amp_dtype=autocast_dtype(dev))
     from volseg.report import write_json
@@ -148,7 +148,7 @@ def predict(
 
     Existing outputs are refused unless --overwrite; --continue resumes an interrupted folder run.
     """
-    from volseg.inference import predict_paths
+    from volseg.prediction_files import predict_paths
 
     t = time.monotonic()
     written = predict_paths(model, input, output, device=device, overwrite=overwrite, skip_existing=skip_existing,
@@ -172,14 +172,14 @@ def evaluate(
     ref_instances: Annotated[Optional[Path], typer.Option(help="folder of reference instance maps, same names (implies --instances)")] = None,
 ) -> None:
     """Dice, Jaccard, precision, recall, volume difference, HD, HD95, ASSD and NSD (mm) per case and label."""
-    from volseg import io, report
+    from volseg import layout, report
 
     labels = None
     ending = ".nii.gz"
     ignore = None
     candidate = dataset_json or (ref.parent / "dataset.json")
     if candidate.is_file():
-        info = io.read_dataset_info(candidate.parent)
+        info = layout.read_dataset_info(candidate.parent)
         labels = {v: n for n, v in info.labels if v != 0 and v != info.ignore_label}
         ending = info.file_ending
         ignore = info.ignore_label
@@ -202,9 +202,9 @@ def evaluate(
 @app.command()
 def check(dataset: Annotated[Path, typer.Argument(help="nnU-Net-layout dataset folder")]) -> None:
     """Report every problem of a dataset at once (exit 2 if there is any)."""
-    from volseg import io
+    from volseg import layout
 
-    problems = io.check_dataset(dataset)
+    problems = layout.check_dataset(dataset)
     if problems:
         for p in problems:
             typer.echo(p, err=True)
@@ -286,8 +286,8 @@ def demo(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Synthesize a dataset, train, predict the held-out cases, evaluate, and plot — all on this machine."""
-    from volseg import io, report, synthetic
-    from volseg.inference import predict_paths
+    from volseg import layout, report, synthetic, volumes
+    from volseg.prediction_files import predict_paths
     from volseg.train import METRICS_CSV, train as run_training
 
     t0 = time.monotonic()
@@ -311,16 +311,16 @@ def demo(
     pred = output / "predictions"
     predict_paths(run, data / "imagesTs", pred, device=device)
     _echo("[4/4] evaluating")
-    info = io.read_dataset_info(data)
+    info = layout.read_dataset_info(data)
     labels = {v: n for n, v in info.labels if v != 0}
     rows = report.evaluate_folders(pred, data / "labelsTs", labels, out_csv=output / "metrics.csv")
     summ = report.summarize(rows)
     report.write_json(output / "metrics.summary.json", summ)
     first = sorted(pred.iterdir())[0]
     case = first.name[: -len(info.file_ending)]
-    image = io.read_volume(data / "imagesTs" / f"{case}_0000{info.file_ending}")
-    report.plot_overlay(image.array[0], io.read_label(first).array[0], output / "overlay.png",
-                        ref=io.read_label(data / "labelsTs" / first.name).array[0], spacing=image.spacing,
+    image = volumes.read_volume(data / "imagesTs" / f"{case}_0000{info.file_ending}")
+    report.plot_overlay(image.array[0], volumes.read_label(first).array[0], output / "overlay.png",
+                        ref=volumes.read_label(data / "labelsTs" / first.name).array[0], spacing=image.spacing,
                         title=f"{case}: prediction (solid) vs reference (dashed)")
     _echo(report.format_summary(summ))
     mean = summ["all"]["dice"]
@@ -381,7 +381,7 @@ def show_command(
     title: Annotated[Optional[str], typer.Option(help="figure title (default: the file names)")] = None,
 ) -> None:
     """Draw three orthogonal slices of IMAGE with SEG (and --ref) as coloured contours into a PNG."""
-    from volseg.htmlreport import show_volume
+    from volseg.pictures import show_volume
 
     position = _parse_triple(slice_vox, "--slice", int) if slice_vox else None
     centre = show_volume(image, output, seg, ref, position, channel, title)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from volseg import augment as aug
-from volseg import io
+from volseg import layout, volumes
 from volseg.config import AugmentConfig, DataConfig
 from volseg.errors import VolsegError
 from volseg.preprocessing import encode_labels, needs_resampling, normalize, resample_image, resample_labels
@@ -51,7 +51,7 @@ def _cache_key(data: DataConfig) -> str:
     )
 
 
-def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path, weight_spec: dict | None = None) -> CaseData:
+def preprocess_case(case: layout.Case, data: DataConfig, cache_dir: Path, weight_spec: dict | None = None) -> CaseData:
     """Normalise, encode labels and index foreground voxels of one case; reuse the cache when valid.
 
     With `weight_spec` (`TrainConfig.weight_map_spec`) the per-voxel loss-weight map is computed
@@ -65,7 +65,7 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path, weight_spe
         if case.label is None:
             raise VolsegError(case.images[0], f"training case {case.case_id} has no label file")
         declared = set(data.class_values) | ({data.ignore_label} if data.ignore_label is not None else set())
-        image, label_volume = io.read_case(case, declared=declared)
+        image, label_volume = layout.read_case(case, declared=declared)
         label = label_volume.array[0]  # type: ignore[union-attr]  # a label exists: checked above
         pixels, spacing = image.array, image.spacing
         if data.spacing is not None and needs_resampling(spacing, data.spacing):
@@ -107,7 +107,7 @@ def preprocess_case(case: io.Case, data: DataConfig, cache_dir: Path, weight_spe
     )
 
 
-def instance_file(case: io.Case) -> Path | None:
+def instance_file(case: layout.Case) -> Path | None:
     """The case's instance-label file, `instancesTr/<case><ending>` beside `labelsTr/`, if there is one.
 
     Instance ids separate touching objects of one class, which connected components cannot.
@@ -118,7 +118,7 @@ def instance_file(case: io.Case) -> Path | None:
     return path if path.is_file() else None
 
 
-def _cached_weight_map(case: io.Case, data: DataConfig, stem: Path, key: str, spec: dict,
+def _cached_weight_map(case: layout.Case, data: DataConfig, stem: Path, key: str, spec: dict,
                        spacing: tuple[float, ...]) -> np.ndarray:
     """The case's loss-weight map from the cache, computed first when missing or made with other parameters."""
     path = stem.with_name(case.case_id + "_wmap.npy")
@@ -130,9 +130,9 @@ def _cached_weight_map(case: io.Case, data: DataConfig, stem: Path, key: str, sp
         known = np.load(stem.with_name(case.case_id + "_weight.npy"))
         instances = None
         if inst_path is not None and spec["w0"] > 0:
-            instances = io.read_label(inst_path).array[0]
+            instances = volumes.read_label(inst_path).array[0]
             if instances.shape != label.shape:  # the case was resampled to the training spacing
-                raw_shape = io.read_label(case.label).shape  # type: ignore[arg-type]  # instance_file needs a label
+                raw_shape = volumes.read_label(case.label).shape  # type: ignore[arg-type]  # instance_file needs a label
                 if instances.shape != raw_shape:
                     raise VolsegError(inst_path, f"instance map has shape {instances.shape}, its label {raw_shape}",
                                       "write it on the label's grid")

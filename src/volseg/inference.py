@@ -4,6 +4,8 @@
 run through the same tiling and blending; it returns every class probability and is what training
 validation uses. `sliding_window_labels` gives the same argmax in bounded memory (a ring buffer of
 window rows, normalised on the fly), which is what `volseg predict` uses on large images.
+`predict_volume` runs one model or an ensemble on a `Volume`; files and folders are
+`volseg.prediction_files`.
 """
 
 from __future__ import annotations
@@ -12,26 +14,25 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from volseg import io
+from volseg import volumes
 from volseg.config import Config
 from volseg.errors import VolsegError
 from volseg.model import valid_output_size
-from volseg.postprocessing import keep_largest_component, remove_small_components
 from volseg.preprocessing import (
-    apply_zscore,
-    ct_normalize,
+    apply_normalization,
     decode_labels,
     needs_resampling,
     normalize,
     resample_image,
     resample_probabilities,
+    zscore_mask_channels,
+    zscore_masks,
 )
 from volseg.sampling import crop_pad, gaussian_importance, sliding_window_grid
 
@@ -39,7 +40,6 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 Prepare = Callable[[np.ndarray], np.ndarray]
 
 _CHUNK_VOXELS = 1 << 22  # rows handled at once when gathering statistics or emitting results (16 MiB of float32)
-PROBABILITIES_FOLDER = "probabilities"  # `--save-probabilities` writes <output folder>/probabilities/<case>.nii.gz
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -129,30 +129,20 @@ def slab_normalizer(image: np.ndarray, methods: str | Sequence[str], stats: Sequ
     """
     normalize(image[:, :1, :1, :1], methods, stats)  # the same validation and errors as the whole image
     names = [methods] * image.shape[0] if isinstance(methods, str) else list(methods)
-    shared = len(set(names)) == 1 and names[0] in ("zscore", "zscore_nonzero")  # one mask for every channel
-    params: list[tuple[str, slice | None, tuple[float, float] | None]] = []
+    mask_channels = zscore_mask_channels(names)
+    channel_stats: list[Sequence[float] | None] = []
     for c, name in enumerate(names):
-        scope = None
-        if name == "zscore_nonzero":
-            scope = slice(None) if shared else slice(c, c + 1)
-        stat = _zscore_stats(image, c, scope) if name in ("zscore", "zscore_nonzero") else None
-        params.append((name, scope, stat))
+        if name in ("zscore", "zscore_nonzero"):
+            channel_stats.append(_zscore_stats(image, c, mask_channels[c]))
+        else:
+            channel_stats.append(stats[c] if name == "ct" else None)
 
     def prepare(rows: np.ndarray) -> np.ndarray:
         out = np.empty(rows.shape, dtype=np.float32)
         step = max(1, _CHUNK_VOXELS // max(1, 2 * rows.shape[2] * rows.shape[3]))  # float64 temporaries: a few rows
         for a in range(0, rows.shape[1], step):
             part = rows[:, a : a + step]
-            for c, (name, scope, stat) in enumerate(params):
-                if name == "none":
-                    out[c, a : a + step] = part[c]
-                elif name == "ct":
-                    out[c, a : a + step] = ct_normalize(part[c], *stats[c])
-                elif stat is None:  # no voxel to take statistics from: all zeros, as `zscore` returns
-                    out[c, a : a + step] = 0
-                else:  # the float64 arithmetic of `zscore`: float32 voxels minus a float64 mean
-                    mask = None if scope is None else np.any(np.asarray(part[scope], dtype=np.float32) != 0, axis=0)
-                    out[c, a : a + step] = apply_zscore(np.asarray(part[c], dtype=np.float32), *stat, mask)
+            apply_normalization(part, names, channel_stats, zscore_masks(part, mask_channels), out[:, a : a + step])
         return out
 
     return prepare
@@ -216,67 +206,22 @@ def sliding_window_labels(
     >>> sliding_window_labels(image, two_class, (2, 1, 1), 2).ravel().tolist()
     [0, 1, 0, 1, 1]
     """
-    if blend not in ("gaussian", "uniform"):
-        raise VolsegError(None, f"unknown blending {blend!r}", "use gaussian or uniform")
-    if not 0 <= overlap < 1:
-        raise VolsegError(None, f"overlap must be in [0, 1), got {overlap}")
-    predictors = list(predictor) if isinstance(predictor, (list, tuple)) else [predictor]
-    prepares = list(prepare) if isinstance(prepare, (list, tuple)) else [prepare] * len(predictors)
-    if not predictors or len(prepares) != len(predictors):
-        raise VolsegError(None, f"{len(predictors)} predictor(s) but {len(prepares)} prepare function(s)")
+    predictors, prepares = _window_callables(predictor, prepare, blend, overlap)
     patch = tuple(int(p) for p in patch)
     out_patch = patch if out_patch is None else tuple(int(p) for p in out_patch)
-    margin = [(p - o) // 2 for p, o in zip(patch, out_patch)]
     shape = tuple(int(s) for s in image.shape[1:])
     if probabilities is not None and tuple(probabilities.shape) != (num_classes, *shape):
         raise VolsegError(None, f"probabilities must have shape {(num_classes, *shape)}, got {probabilities.shape}")
     padded = tuple(max(s, o) for s, o in zip(shape, out_patch))
     weight = gaussian_importance(out_patch) if blend == "gaussian" else np.ones(out_patch, np.float32)
     weight_t = torch.from_numpy(weight).to(device)
-    ring = out_patch[0]  # rows [done, done + ring) are the only ones any pending window can still touch
-    acc = _zeros((num_classes, ring, *padded[1:]), device)
-    norm = _zeros((ring, *padded[1:]), device)
-    labels = np.zeros(shape, dtype=np.uint8 if num_classes <= 256 else np.int16)
+    blended = _BlendedRows(num_classes, out_patch, padded, shape, device, probabilities)
+    inputs = _WindowInputs(image, prepares, patch, out_patch, padded != shape)
     starts = sliding_window_grid(padded, out_patch, overlap)
-    needs_padding = any(margin) or padded != shape
-    kinds = [next(i for i, q in enumerate(prepares) if q is p) for p in prepares]  # shared prepare -> shared rows
-    slabs: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # (prepare, window row) -> (first row, input rows)
-    emit_rows = max(1, _CHUNK_VOXELS // max(1, num_classes * shape[1] * shape[2]))
-
-    def tile(kind: int, st: tuple[int, int, int]) -> np.ndarray:
-        if (kind, st[0]) not in slabs:
-            lo, hi = max(0, st[0] - margin[0]), min(shape[0], st[0] - margin[0] + patch[0])
-            rows = image[:, lo:hi] if prepares[kind] is None else prepares[kind](image[:, lo:hi])
-            slabs[kind, st[0]] = (lo, np.asarray(rows, dtype=np.float32))
-        lo, rows = slabs[kind, st[0]]
-        begin = (st[0] - margin[0] - lo, st[1] - margin[1], st[2] - margin[2])
-        if needs_padding:  # windows reach outside the image: cut with zero padding
-            return crop_pad(rows, begin, patch)
-        return rows[(slice(None), *(slice(b, b + p) for b, p in zip(begin, patch)))]
-
-    def emit(first: int, stop: int) -> None:
-        """Finish padded rows [first, stop): divide by the summed weights, argmax, clear their slots."""
-        for a in range(first, min(stop, shape[0]), emit_rows):
-            b = min(a + emit_rows, stop, shape[0])
-            for slots, offsets in _ring_pieces(a, b - a, ring):
-                block = (acc[:, slots, : shape[1], : shape[2]] / norm[slots, : shape[1], : shape[2]]).cpu().numpy()
-                rows = slice(a + offsets.start, a + offsets.stop)
-                labels[rows] = block.argmax(0)
-                if probabilities is not None:
-                    probabilities[:, rows] = block
-        for slots, _ in _ring_pieces(first, stop - first, ring):
-            acc[:, slots] = 0
-            norm[slots] = 0
-
     background = None
     if skip_empty:
         background = torch.zeros((num_classes, *out_patch), dtype=torch.float32, device=device)
         background[0] = 1
-
-    def has_signal(st: tuple[int, int, int]) -> bool:
-        """Any non-zero input voxel in the window (cut to the image)?"""
-        region = tuple(slice(max(0, s - m), max(0, s - m + p)) for s, m, p in zip(st, margin, patch))
-        return bool(np.any(image[(slice(None), *region)]))
 
     iterator = range(0, len(starts), batch_size)
     for pred in predictors:  # a WindowRunner decides from this whether compiling pays
@@ -286,32 +231,130 @@ def sliding_window_labels(
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc="windows", leave=False, unit="batch", disable=None)
-    done = 0  # padded rows before this one are finished
     for b in iterator:
         batch_starts = starts[b : b + batch_size]
-        live = [st for st in batch_starts if not skip_empty or has_signal(st)]
-        probs = None
-        for kind, pred in zip(kinds, predictors) if live else ():
-            x = torch.from_numpy(np.stack([tile(kind, st) for st in live])).to(device)
-            p = torch.softmax(pred(x).float(), dim=1)
-            probs = p if probs is None else probs + p
-        if live and len(predictors) > 1:
-            probs /= len(predictors)
-        by_start = dict(zip(live, probs)) if live else {}
+        live = [st for st in batch_starts if not skip_empty or inputs.has_signal(st)]
+        by_start = _window_softmax(live, predictors, inputs, device)
         for st in batch_starts:
-            p = by_start.get(st)
-            if p is None:  # skipped: certain background
-                p = background
-            if st[0] > done:  # windows come in the order of their row start: rows before it are final
-                emit(done, st[0])
-                done = st[0]
-                slabs = {key: value for key, value in slabs.items() if key[1] >= done}
-            jk = (slice(st[1], st[1] + out_patch[1]), slice(st[2], st[2] + out_patch[2]))
-            for slots, offsets in _ring_pieces(st[0], out_patch[0], ring):
-                acc[(slice(None), slots, *jk)] += p[:, offsets] * weight_t[offsets]
-                norm[(slots, *jk)] += weight_t[offsets]
-    emit(done, padded[0])
-    return labels
+            if st[0] > blended.done:  # windows come in the order of their row start: rows before it are final
+                blended.finish(st[0])
+                inputs.forget_rows_before(st[0])
+            blended.add(st, by_start.get(st, background), weight_t)  # skipped: certain background
+    blended.finish(padded[0])
+    return blended.labels
+
+
+def _window_callables(
+    predictor: Predictor | Sequence[Predictor], prepare: Prepare | Sequence[Prepare | None] | None, blend: str,
+    overlap: float,
+) -> tuple[list[Predictor], list[Prepare | None]]:
+    """The predictors (an ensemble, or one) and one prepare function each, with the blending checked."""
+    if blend not in ("gaussian", "uniform"):
+        raise VolsegError(None, f"unknown blending {blend!r}", "use gaussian or uniform")
+    if not 0 <= overlap < 1:
+        raise VolsegError(None, f"overlap must be in [0, 1), got {overlap}")
+    predictors = list(predictor) if isinstance(predictor, (list, tuple)) else [predictor]
+    prepares = list(prepare) if isinstance(prepare, (list, tuple)) else [prepare] * len(predictors)
+    if not predictors or len(prepares) != len(predictors):
+        raise VolsegError(None, f"{len(predictors)} predictor(s) but {len(prepares)} prepare function(s)")
+    return predictors, prepares
+
+
+def _window_softmax(
+    starts: list[tuple[int, int, int]], predictors: list[Predictor], inputs: _WindowInputs, device: torch.device | str
+) -> dict[tuple[int, int, int], torch.Tensor]:
+    """Softmax (num_classes, *out_patch) of the windows at `starts`, averaged over the predictors."""
+    if not starts:
+        return {}
+    probs = None
+    for kind, pred in zip(inputs.kinds, predictors):
+        x = torch.from_numpy(np.stack([inputs.tile(kind, st) for st in starts])).to(device)
+        p = torch.softmax(pred(x).float(), dim=1)
+        probs = p if probs is None else probs + p
+    if len(predictors) > 1:
+        probs /= len(predictors)
+    return dict(zip(starts, probs))
+
+
+class _WindowInputs:
+    """The network input of each window, cut from input rows prepared once per (prepare function, window row)."""
+
+    def __init__(
+        self, image: np.ndarray, prepares: list[Prepare | None], patch: tuple[int, ...], out_patch: tuple[int, ...],
+        padded: bool,
+    ) -> None:
+        self.image, self.prepares, self.patch = image, prepares, patch
+        self.margin = [(p - o) // 2 for p, o in zip(patch, out_patch)]
+        self.needs_padding = any(self.margin) or padded  # windows reach outside the image: cut with zero padding
+        # a prepare function shared by several predictors prepares their rows once
+        self.kinds = [next(i for i, q in enumerate(prepares) if q is p) for p in prepares]
+        # (prepare, window row) -> (first row, input rows)
+        self.slabs: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
+
+    def tile(self, kind: int, st: tuple[int, int, int]) -> np.ndarray:
+        patch, margin = self.patch, self.margin
+        if (kind, st[0]) not in self.slabs:
+            lo, hi = max(0, st[0] - margin[0]), min(self.image.shape[1], st[0] - margin[0] + patch[0])
+            rows = self.image[:, lo:hi] if self.prepares[kind] is None else self.prepares[kind](self.image[:, lo:hi])
+            self.slabs[kind, st[0]] = (lo, np.asarray(rows, dtype=np.float32))
+        lo, rows = self.slabs[kind, st[0]]
+        begin = (st[0] - margin[0] - lo, st[1] - margin[1], st[2] - margin[2])
+        if self.needs_padding:
+            return crop_pad(rows, begin, patch)
+        return rows[(slice(None), *(slice(b, b + p) for b, p in zip(begin, patch)))]
+
+    def forget_rows_before(self, row: int) -> None:
+        """Drop the prepared rows of windows starting before `row`: no later window uses them."""
+        self.slabs = {key: value for key, value in self.slabs.items() if key[1] >= row}
+
+    def has_signal(self, st: tuple[int, int, int]) -> bool:
+        """Any non-zero input voxel in the window (cut to the image)?"""
+        region = tuple(slice(max(0, s - m), max(0, s - m + p)) for s, m, p in zip(st, self.margin, self.patch))
+        return bool(np.any(self.image[(slice(None), *region)]))
+
+
+class _BlendedRows:
+    """The weighted softmax of the windows, summed in a ring buffer of `out_patch[0]` rows.
+
+    Rows [done, done + ring) are the only ones a pending window can still touch; `finish` turns
+    the rows before a given one into labels (and probabilities) and frees their slots.
+    """
+
+    def __init__(
+        self, num_classes: int, out_patch: tuple[int, ...], padded: tuple[int, ...], shape: tuple[int, ...],
+        device: torch.device | str, probabilities: np.ndarray | None,
+    ) -> None:
+        self.out_patch, self.shape, self.probabilities = out_patch, shape, probabilities
+        self.ring = out_patch[0]
+        self.acc = _zeros((num_classes, self.ring, *padded[1:]), device)
+        self.norm = _zeros((self.ring, *padded[1:]), device)
+        self.labels = np.zeros(shape, dtype=np.uint8 if num_classes <= 256 else np.int16)
+        self.emit_rows = max(1, _CHUNK_VOXELS // max(1, num_classes * shape[1] * shape[2]))
+        self.done = 0  # padded rows before this one are finished
+
+    def add(self, st: tuple[int, int, int], p: torch.Tensor, weight_t: torch.Tensor) -> None:
+        """Add one window's softmax `p`, weighted, at its output position `st`."""
+        jk = (slice(st[1], st[1] + self.out_patch[1]), slice(st[2], st[2] + self.out_patch[2]))
+        for slots, offsets in _ring_pieces(st[0], self.out_patch[0], self.ring):
+            self.acc[(slice(None), slots, *jk)] += p[:, offsets] * weight_t[offsets]
+            self.norm[(slots, *jk)] += weight_t[offsets]
+
+    def finish(self, stop: int) -> None:
+        """Finish padded rows [done, stop): divide by the summed weights, argmax, clear their slots."""
+        first, shape = self.done, self.shape
+        for a in range(first, min(stop, shape[0]), self.emit_rows):
+            b = min(a + self.emit_rows, stop, shape[0])
+            for slots, offsets in _ring_pieces(a, b - a, self.ring):
+                block = self.acc[:, slots, : shape[1], : shape[2]] / self.norm[slots, : shape[1], : shape[2]]
+                block = block.cpu().numpy()
+                rows = slice(a + offsets.start, a + offsets.stop)
+                self.labels[rows] = block.argmax(0)
+                if self.probabilities is not None:
+                    self.probabilities[:, rows] = block
+        for slots, _ in _ring_pieces(first, stop - first, self.ring):
+            self.acc[:, slots] = 0
+            self.norm[slots] = 0
+        self.done = stop
 
 
 def resampled_argmax(
@@ -506,7 +549,7 @@ def predict_probabilities(
 
 
 def probabilities_on_input_grid(
-    model: torch.nn.Module, cfg: Config, volume: io.Volume, device: torch.device | str = "cpu",
+    model: torch.nn.Module, cfg: Config, volume: volumes.Volume, device: torch.device | str = "cpu",
     predictor: Predictor | None = None,
     skip_empty: bool = False,
 ) -> np.ndarray:
@@ -542,7 +585,7 @@ def _window_settings(cfg: Config) -> tuple:
 def predict_volume(
     model: torch.nn.Module | Sequence[torch.nn.Module],
     cfg: Config | Sequence[Config],
-    volume: io.Volume,
+    volume: volumes.Volume,
     device: torch.device | str = "cpu",
     probabilities: np.ndarray | None = None,
     progress: bool = False,
@@ -601,90 +644,6 @@ def predict_volume(
     return decode_labels(index, first.data.class_values)
 
 
-def clean_segmentation(
-    seg: np.ndarray,
-    spacing: Sequence[float],
-    class_values: Sequence[int],
-    min_size_voxels: int = 0,
-    min_size_mm3: float = 0.0,
-    keep_largest: bool = False,
-) -> np.ndarray:
-    """Post-process a segmentation in label values: per class, drop small components, keep the largest.
-
-    Components are 26-connected and per label value (`volseg.postprocessing`); removed voxels
-    become background 0, so 0 must be one of `class_values`. Sizes in mm³ use `spacing`.
-
-    >>> seg = np.zeros((1, 1, 6), np.uint8); seg[0, 0, :2] = 1; seg[0, 0, 4] = 1
-    >>> clean_segmentation(seg, (1.0, 1.0, 2.0), (0, 1), min_size_mm3=3.0)[0, 0].tolist()
-    [1, 1, 0, 0, 0, 0]
-    """
-    if not min_size_voxels and not min_size_mm3 and not keep_largest:
-        return seg
-    if 0 not in class_values:
-        raise VolsegError(None, "post-processing sets removed voxels to background 0, which is not a class of this model")
-    foreground = [v for v in class_values if v != 0]
-    if min_size_voxels or min_size_mm3:
-        seg = remove_small_components(seg, int(min_size_voxels), float(min_size_mm3), spacing, foreground)
-    if keep_largest:
-        seg = keep_largest_component(seg, foreground)
-    return seg
-
-
-def probabilities_path(target: str | Path) -> Path:
-    """Where `--save-probabilities` puts a case's probabilities: a `probabilities/` folder beside it.
-
-    A folder of its own keeps `volseg evaluate` (which scores every `*<ending>` file of the output
-    folder) from mistaking them for segmentations.
-
-    >>> probabilities_path("out/case_007.mha").as_posix()
-    'out/probabilities/case_007.nii.gz'
-    """
-    target = Path(target)
-    stem = target.name
-    for end in _IMAGE_ENDINGS:
-        if stem.endswith(end):
-            stem = stem[: -len(end)]
-            break
-    return target.parent / PROBABILITIES_FOLDER / f"{stem}.nii.gz"
-
-
-def write_probabilities(path: str | Path, probabilities: np.ndarray, reference: io.Volume) -> None:
-    """Write (C, I, J, K) class probabilities as a NIfTI of shape (I, J, K, C), with `reference`'s geometry.
-
-    The header is the one `io.write_volume` would give a segmentation of `reference` (same affine,
-    qform and sform), with 4 dimensions and float32 voxels: NIfTI-1 has no float16, so a float16
-    buffer is widened a few slices at a time while streaming into the gzip file (nibabel would
-    convert one whole class at once, and copy it again). Written under a temporary name in the
-    same folder and renamed when complete, like every volseg output.
-    """
-    from nibabel.openers import Opener
-    from nibabel.volumeutils import seek_tell
-
-    path = Path(path)
-    if not path.name.endswith(".nii.gz"):
-        raise VolsegError(path, "probabilities are written as .nii.gz")
-    n_classes, *shape = probabilities.shape
-    if tuple(shape) != reference.shape:
-        raise VolsegError(path, f"probabilities of shape {tuple(shape)} do not match the image's {reference.shape}")
-    header = io._nifti_image(np.broadcast_to(np.float32(0), (*shape, n_classes)), reference.affine, reference).header
-    header.set_data_dtype(np.float32)
-    step = max(1, _CHUNK_VOXELS // (shape[0] * shape[1]))
-
-    def write(target: Path) -> None:
-        with Opener(str(target), "wb") as f:
-            header.write_to(f)
-            seek_tell(f, header.get_data_offset(), write0=True)
-            for c in range(n_classes):  # on disk: Fortran order of (I, J, K, C), i.e. C order of (C, K, J, I)
-                for k in range(0, shape[2], step):
-                    f.write(np.ascontiguousarray(probabilities[c, :, :, k : k + step].T, dtype=np.float32).tobytes())
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VolsegError(path.parent, f"cannot create the output folder: {exc.strerror or exc}") from None
-    io._write_atomically(path, ".nii.gz", write)
-
-
 def load_ensemble(
     model_paths: str | Path | Sequence[str | Path], device: torch.device
 ) -> tuple[list[torch.nn.Module], list[Config]]:
@@ -706,183 +665,3 @@ def load_ensemble(
         models.append(model)
         cfgs.append(cfg)
     return models, cfgs
-
-
-def predict_paths(
-    model_path: str | Path | Sequence[str | Path],
-    inputs: str | Path,
-    output: str | Path,
-    device: str = "auto",
-    overwrite: bool = False,
-    progress: bool = True,
-    skip_existing: bool = False,
-    save_probabilities: bool = False,
-    min_size_voxels: int = 0,
-    min_size_mm3: float = 0.0,
-    keep_largest: bool = False,
-    compile: str = "auto",
-    mirror: bool = False,
-    skip_empty: bool = False,
-) -> list[Path]:
-    """`volseg predict`: a file or an nnU-Net-named folder in, `<case><ending>` segmentations out.
-
-    An output that already exists is refused before any work (a good result is never replaced by
-    accident) unless `overwrite`; `skip_existing` (`--continue`) keeps it and predicts only the
-    missing cases, after removing temporaries a killed run left behind. Several model paths are
-    predicted as an ensemble. `save_probabilities` also writes the class probabilities
-    (`probabilities_path`, `write_probabilities`) before the segmentation, so an existing
-    segmentation means both are complete. `min_size_voxels`, `min_size_mm3` (with the image's
-    spacing) and `keep_largest` clean each class of the segmentation (`clean_segmentation`); the
-    probabilities stay as the network gave them. `compile` and `mirror` are `WindowRunner`'s
-    (compiled once, reused for every case); `skip_empty` is `sliding_window_labels`'. Returns the
-    written segmentation paths.
-    """
-    if overwrite and skip_existing:
-        raise VolsegError(None, "--overwrite and --continue exclude each other", "pass one of them")
-    if not (min_size_voxels >= 0 and math.isfinite(min_size_mm3) and min_size_mm3 >= 0):
-        raise VolsegError(None, f"minimum sizes must be >= 0, got {min_size_voxels} voxels and {min_size_mm3} mm³")
-    dev = resolve_device(device)
-    models, cfgs = load_ensemble(model_path, dev)
-    runners = [WindowRunner(m, dev, c.infer.batch_size, compile, mirror, verbose=progress) for m, c in zip(models, cfgs)]
-    cfg = cfgs[0]
-    clean = bool(min_size_voxels or min_size_mm3 or keep_largest)
-    if clean and 0 not in cfg.data.class_values:
-        raise VolsegError(None, "post-processing sets removed voxels to background 0, which is not a class of this model")
-    inputs, output = Path(inputs), Path(output)
-    ending = cfg.data.file_ending
-    is_folder = inputs.is_dir() and not _is_dicom_dir(inputs)
-    if is_folder:
-        jobs = [(c.images, output / f"{c.case_id}{ending}") for c in io.list_cases(inputs, ending, cfg.model.in_channels)]
-    elif inputs.exists():
-        if cfg.model.in_channels != 1:
-            raise VolsegError(inputs, f"the model needs {cfg.model.in_channels} channels", "pass a folder of <case>_<CCCC> files")
-        target = output if _has_image_ending(output) else output / _output_name(inputs, ending)
-        jobs = [((inputs,), target)]
-    else:
-        raise VolsegError(inputs, "input not found")
-    _check_output_folder(jobs)
-    existing = [target for _, target in jobs if target.exists()]
-    if save_probabilities:
-        existing += [probabilities_path(target) for _, target in jobs if probabilities_path(target).exists()]
-    if existing and not (overwrite or skip_existing):
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise VolsegError(
-            existing[0],
-            f"output already exists{more}",
-            "pass --overwrite to replace or --continue to skip existing outputs",
-        )
-    if skip_existing:
-        for folder in {target.parent for _, target in jobs} | {probabilities_path(t).parent for _, t in jobs}:
-            io.remove_stale_temporaries(folder)
-        jobs = [(images, target) for images, target in jobs if not target.exists()]
-    written: list[Path] = []
-    bar = None
-    if progress and len(jobs) > 1:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc="predict", unit="case", disable=None)
-
-    def load(images: Sequence[Path]) -> io.Volume:
-        volume = io.read_image(images)
-        _refuse_non_finite(volume, images)
-        return volume
-
-    def save(target: Path, seg: np.ndarray, probs: np.ndarray | None, volume: io.Volume) -> None:
-        if probs is not None:  # first, so that an existing segmentation means both are complete
-            write_probabilities(probabilities_path(target), probs, volume)
-        io.write_volume(target, seg, reference=volume)
-
-    def finish(pending: tuple[Future, Path] | None) -> None:
-        """Wait for the previous case's files; its error (if any) is raised here."""
-        if pending is not None:
-            pending[0].result()
-            written.append(pending[1])
-            if bar:
-                bar.update()
-
-    # The next case is read and the previous one written in background threads while the network
-    # works on this one (file I/O and gzip release the GIL), so the network never waits on disk.
-    reader = ThreadPoolExecutor(1, thread_name_prefix="volseg-read")
-    writer = ThreadPoolExecutor(1, thread_name_prefix="volseg-write")
-    pending_write: tuple[Future, Path] | None = None
-    next_read = reader.submit(load, jobs[0][0]) if jobs else None
-    try:
-        for n, (images, target) in enumerate(jobs):
-            try:
-                volume = next_read.result()
-                next_read = reader.submit(load, jobs[n + 1][0]) if n + 1 < len(jobs) else None
-                probs = None
-                if save_probabilities:  # float16: half the memory of float32, ample for probabilities
-                    probs = np.empty((cfg.model.num_classes, *volume.shape), dtype=np.float16)
-                seg = predict_volume(models, cfgs, volume, dev, probabilities=probs, progress=progress and bar is None,
-                                     runners=runners, skip_empty=skip_empty)
-                seg = clean_segmentation(seg, volume.spacing, cfg.data.class_values, min_size_voxels, min_size_mm3,
-                                         keep_largest)
-                finish(pending_write)
-                pending_write = (writer.submit(save, target, seg, probs, volume), target)
-                del volume, probs, seg
-                if n + 1 == len(jobs):
-                    finish(pending_write)
-                    pending_write = None
-            except VolsegError as exc:
-                finish(pending_write)  # the case before this one is complete: count it
-                pending_write = None
-                if not (is_folder and written):
-                    raise
-                resume = f"{len(written)} case(s) done; fix this one and rerun with --continue"
-                raise VolsegError(exc.path, exc.problem, f"{exc.hint}; {resume}" if exc.hint else resume) from None
-    finally:
-        reader.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True)  # a case already predicted is still written: no lost work
-        if bar:
-            bar.close()
-    return written
-
-
-def _check_output_folder(jobs: list[tuple[Sequence[Path], Path]]) -> None:
-    """Refuse an output "folder" that is a file before any case is predicted."""
-    for _, target in jobs:
-        for parent in (target.parent, *target.parent.parents):
-            if parent.exists():
-                if not parent.is_dir():
-                    raise VolsegError(
-                        parent, "is a file, but the outputs go into a folder there", "give a folder as -o"
-                    )
-                break
-
-
-def _refuse_non_finite(volume: io.Volume, images: Sequence[Path]) -> None:
-    """NaN/Inf voxels poison the normalisation and every window that sees them: refuse, do not guess."""
-    if not np.issubdtype(volume.array.dtype, np.floating):
-        return
-    for channel, path in zip(volume.array, images):
-        n_bad = int(channel.size - np.count_nonzero(np.isfinite(channel)))
-        if n_bad:
-            raise VolsegError(
-                path,
-                f"has {n_bad} NaN or Inf voxels; refusing to predict on them",
-                "replace them, e.g. with the image minimum, before predicting",
-            )
-
-
-_IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-def _has_image_ending(path: Path) -> bool:
-    return path.name.endswith(_IMAGE_ENDINGS)
-
-
-def _output_name(image: Path, ending: str) -> str:
-    """`case_0000.nii.gz` -> `case.nii.gz` (nnU-Net naming); other names keep their stem."""
-    name = image.name
-    for end in _IMAGE_ENDINGS:
-        if name.endswith(end):
-            stem = name[: -len(end)]
-            if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
-                stem = stem[:-5]
-            return stem + end
-    return name + ending
-
-
-def _is_dicom_dir(path: Path) -> bool:
-    return any(p.suffix.lower() == ".dcm" for p in path.iterdir()) if path.is_dir() else False

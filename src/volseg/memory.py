@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from volseg import io
 from volseg.config import Config, DataConfig, ModelConfig
 from volseg.errors import VolsegError
 from volseg.losses import LossFn, deep_supervision_loss, get_loss

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from volseg import io, memory
+from volseg import layout, memory, volumes
 from volseg.config import Config, DataConfig, InferConfig, ModelConfig, TrainConfig
 from volseg.errors import VolsegError
 from volseg.model import level_scales, size_divisor
@@ -201,7 +201,7 @@ def is_ct(channel_name: str) -> bool:
 
 
 def foreground_intensity_stats(
-    cases: Sequence[io.Case], channel: int, max_cases: int = 50, per_case: int = 10_000, seed: int = 0
+    cases: Sequence[layout.Case], channel: int, max_cases: int = 50, per_case: int = 10_000, seed: int = 0
 ) -> tuple[float, float, float, float]:
     """(0.5th percentile, 99.5th percentile, mean, std) of a channel's voxels inside the labels.
 
@@ -213,8 +213,8 @@ def foreground_intensity_stats(
     for case in picked:
         if case.label is None:
             continue
-        image = io.read_volume(case.images[channel]).array[0]
-        label = io.read_label(case.label).array[0]
+        image = volumes.read_volume(case.images[channel]).array[0]
+        label = volumes.read_label(case.label).array[0]
         values = image[label > 0]
         if values.size > per_case:
             values = values[rng.choice(values.size, per_case, replace=False)]
@@ -259,7 +259,7 @@ def plan_resolution(target: Sequence[float], shape_at_target: Sequence[float], m
     return (round(out[0], 2), round(out[1], 2), round(out[2], 2))
 
 
-def object_extent_mm(cases: Sequence[io.Case], max_cases: int = 12) -> tuple[float, float, float] | None:
+def object_extent_mm(cases: Sequence[layout.Case], max_cases: int = 12) -> tuple[float, float, float] | None:
     """90th percentile of the foreground objects' bounding-box extent along I, J, K in mm (None: no objects).
 
     The structures a patch must see whole, with context: the patch's field of view is not shrunk
@@ -271,7 +271,7 @@ def object_extent_mm(cases: Sequence[io.Case], max_cases: int = 12) -> tuple[flo
     for case in list(cases)[:max_cases]:
         if case.label is None:
             continue
-        label = io.read_label(case.label)
+        label = volumes.read_label(case.label)
         array = label.array[0]
         spacing = np.asarray(label.spacing, float)
         for _, box in enumerate(cc3d.statistics(cc3d.connected_components(array > 0, connectivity=26))["bounding_boxes"][1:]):
@@ -282,17 +282,17 @@ def object_extent_mm(cases: Sequence[io.Case], max_cases: int = 12) -> tuple[flo
     return (round(float(p90[0]), 2), round(float(p90[1]), 2), round(float(p90[2]), 2))
 
 
-def background_fraction(cases: Sequence[io.Case], max_cases: int = 5) -> float:
+def background_fraction(cases: Sequence[layout.Case], max_cases: int = 5) -> float:
     """Median share of voxels that are exactly 0 in every channel (skull-stripped or masked MRI)."""
     fractions = []
     for case in list(cases)[:max_cases]:
-        image = io.read_image(case.images).array
+        image = volumes.read_image(case.images).array
         fractions.append(float(np.mean(~np.any(image != 0, axis=0))))
     return float(np.median(fractions)) if fractions else 0.0
 
 
 def make_plan(
-    data: DataConfig, cases: Sequence[io.Case], device_type: str, reasons: list[str] | None = None,
+    data: DataConfig, cases: Sequence[layout.Case], device_type: str, reasons: list[str] | None = None,
 ) -> tuple[Config, dict[str, Any]]:
     """The dataset's plan before fitting to the device: target spacing, normalisation per channel,
     patch, network, batch. Returns the config and the fingerprint it was derived from; one line per
@@ -304,9 +304,9 @@ def make_plan(
     reasons = reasons if reasons is not None else []
     shapes, spacings = [], []
     for case in cases:
-        grid = io.read_grid(case.images[0])
+        grid = volumes.read_grid(case.images[0])
         if grid is None:
-            volume = io.read_volume(case.images[0])
+            volume = volumes.read_volume(case.images[0])
             grid = (volume.shape, volume.spacing)
         shapes.append(grid[0])
         spacings.append(grid[1])
@@ -376,7 +376,7 @@ def make_plan(
     return cfg, fingerprint
 
 
-def data_config_from_dataset(info: io.DatasetInfo) -> DataConfig:
+def data_config_from_dataset(info: layout.DatasetInfo) -> DataConfig:
     """What dataset.json says about the data: channels, labels, the ignore label, the file ending."""
     return DataConfig(
         channel_names=info.channel_names,
@@ -386,7 +386,7 @@ def data_config_from_dataset(info: io.DatasetInfo) -> DataConfig:
     )
 
 
-def make_device_plan(data: DataConfig, cases: Sequence[io.Case], device: torch.device,
+def make_device_plan(data: DataConfig, cases: Sequence[layout.Case], device: torch.device,
                      reasons: list[str] | None = None) -> tuple[Config, dict[str, Any]]:
     """`make_plan` for this device, with its patch and batch fitted to the device's memory."""
     reasons = reasons if reasons is not None else []
@@ -477,7 +477,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], seed: int
 
 
 def plan_run(
-    info: io.DatasetInfo, cases: Sequence[io.Case], device: torch.device,
+    info: layout.DatasetInfo, cases: Sequence[layout.Case], device: torch.device,
     overrides: dict[str, dict[str, Any]] | None = None, seed: int | None = None, max_minutes: float | None = None,
     amp_dtype: torch.dtype | None = None, agree: Callable[[float], float] | None = None,
     timer: Callable[[Config], float] | None = None,

@@ -20,21 +20,11 @@ def zscore(image: np.ndarray, nonzero: bool = False) -> np.ndarray:
     >>> zscore(np.array([[[[1.0, 3.0]]]])).ravel().tolist()
     [-1.0, 1.0]
     """
-    image = np.asarray(image, dtype=np.float32)
-    out = np.zeros_like(image)
-    mask = np.any(image != 0, axis=0) if nonzero else np.ones(image.shape[1:], dtype=bool)
-    if not mask.any():
-        return out
-    for c in range(image.shape[0]):
-        values = image[c][mask].astype(np.float64)
-        out[c] = apply_zscore(image[c], values.mean(), values.std(), mask if nonzero else None)
-    return out
+    return normalize(np.asarray(image, dtype=np.float32), "zscore_nonzero" if nonzero else "zscore")
 
 
 def apply_zscore(channel: np.ndarray, mean: float, std: float, mask: np.ndarray | None = None) -> np.ndarray:
     """(channel - mean) / std in float64 (a constant channel has std 0: divide by 1e-8 instead), 0 outside `mask`.
-
-    Shared by `zscore` and prediction's row-wise normaliser, so both give the same float32 values.
 
     >>> apply_zscore(np.array([1.0, 3.0], dtype=np.float32), 2.0, 1.0, np.array([True, False])).tolist()
     [-1.0, 0.0]
@@ -52,6 +42,79 @@ def ct_normalize(channel: np.ndarray, lo: float, hi: float, mean: float, std: fl
     return ((np.clip(channel, lo, hi) - mean) / max(std, 1e-8)).astype(np.float32)
 
 
+def zscore_mask_channels(methods: Sequence[str]) -> list[slice | None]:
+    """Per channel, the channels whose non-zero voxels its z-score statistics come from (None: every voxel).
+
+    "zscore_nonzero" looks at the channel itself, or at all channels when every channel uses it
+    (one brain mask for all MR sequences); other methods take no mask.
+
+    >>> zscore_mask_channels(["zscore_nonzero", "zscore_nonzero"]), zscore_mask_channels(["ct", "zscore_nonzero"])
+    ([slice(None, None, None), slice(None, None, None)], [None, slice(1, 2, None)])
+    """
+    shared = len(set(methods)) == 1
+    return [
+        None if m != "zscore_nonzero" else slice(None) if shared else slice(c, c + 1) for c, m in enumerate(methods)
+    ]
+
+
+def zscore_masks(image: np.ndarray, mask_channels: Sequence[slice | None]) -> list[np.ndarray | None]:
+    """The masks that `zscore_mask_channels` describes, for a (C, I, J, K) image or any of its rows.
+
+    Voxel-wise, so prediction can build them for a few rows at a time; each distinct mask once.
+    """
+    masks: list[np.ndarray | None] = []
+    made: dict[tuple, np.ndarray] = {}
+    for scope in mask_channels:
+        if scope is None:
+            masks.append(None)
+            continue
+        key = (scope.start, scope.stop)
+        if key not in made:
+            made[key] = np.any(np.asarray(image[scope], dtype=np.float32) != 0, axis=0)
+        masks.append(made[key])
+    return masks
+
+
+def apply_normalization(
+    image: np.ndarray,
+    methods: Sequence[str],
+    stats: Sequence[Sequence[float] | None],
+    masks: Sequence[np.ndarray | None],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Normalise each channel of a (C, ...) image with statistics already known, into float32 `out`.
+
+    The one place the arithmetic lives, so that training (`normalize`, statistics of the whole
+    image) and prediction (`inference.slab_normalizer`, statistics gathered once, applied a few
+    rows at a time) give the same float32 values. `stats[c]`: (lo, hi, mean, std) for "ct",
+    (mean, std) for the z-scores (None: no voxel to take them from, the channel becomes 0),
+    unused for "none". `masks[c]` (see `zscore_masks`): z-scored voxels, 0 elsewhere; None = all.
+
+    >>> image = np.array([[[[1.0, 3.0]]], [[[-50.0, 500.0]]]], dtype=np.float32)
+    >>> apply_normalization(image, ["zscore", "ct"], [(2.0, 1.0), (0, 100, 50, 10)], [None, None]).tolist()
+    [[[[-1.0, 1.0]]], [[[-5.0, 5.0]]]]
+    """
+    out = np.empty(image.shape, dtype=np.float32) if out is None else out
+    for c, method in enumerate(methods):
+        if method == "none":
+            out[c] = image[c]
+        elif method == "ct":
+            out[c] = ct_normalize(image[c], *stats[c])  # type: ignore[misc]  # "ct" always has statistics
+        elif stats[c] is None:
+            out[c] = 0
+        else:  # float32 voxels minus a float64 mean, as `zscore` always did
+            out[c] = apply_zscore(np.asarray(image[c], dtype=np.float32), *stats[c], masks[c])  # type: ignore[misc]
+    return out
+
+
+def _mean_std(channel: np.ndarray, mask: np.ndarray | None) -> tuple[float, float] | None:
+    """Mean and standard deviation (float64) of a float32 channel's voxels in `mask`; None if there are none."""
+    values = (channel.ravel() if mask is None else channel[mask]).astype(np.float64)
+    if values.size == 0:
+        return None
+    return values.mean(), values.std()
+
+
 def normalize(
     image: np.ndarray,
     method: str | Sequence[str],
@@ -59,7 +122,8 @@ def normalize(
 ) -> np.ndarray:
     """Normalise each channel of a (C, I, J, K) image by name (one name for all, or one per channel).
 
-    "ct" needs `stats[c] = (lo, hi, mean, std)`, the dataset's foreground intensity statistics.
+    "ct" needs `stats[c] = (lo, hi, mean, std)`, the dataset's foreground intensity statistics;
+    the z-scores take theirs from the image itself (`zscore_mask_channels` says from which voxels).
     """
     n = image.shape[0]
     methods = [method] * n if isinstance(method, str) else list(method)
@@ -68,19 +132,18 @@ def normalize(
     for m in methods:
         if m not in NORMALIZATIONS:
             raise VolsegError(None, f"unknown normalisation {m!r}", f"use one of {', '.join(NORMALIZATIONS)}")
-    if len(set(methods)) == 1 and methods[0] in ("zscore", "zscore_nonzero"):
-        return zscore(image, nonzero=methods[0] == "zscore_nonzero")
-    out = np.empty(image.shape, dtype=np.float32)
+    masks = zscore_masks(image, zscore_mask_channels(methods))
+    channel_stats: list[Sequence[float] | None] = []
     for c, m in enumerate(methods):
-        if m == "none":
-            out[c] = image[c]
-        elif m == "ct":
+        if m == "ct":
             if c >= len(stats):
                 raise VolsegError(None, f"channel {c} uses CT normalisation but has no intensity statistics")
-            out[c] = ct_normalize(image[c], *stats[c])
+            channel_stats.append(stats[c])
+        elif m == "none":
+            channel_stats.append(None)
         else:
-            out[c] = zscore(image[c : c + 1], nonzero=m == "zscore_nonzero")[0]
-    return out
+            channel_stats.append(_mean_std(np.asarray(image[c], dtype=np.float32), masks[c]))
+    return apply_normalization(image, methods, channel_stats, masks)
 
 
 def encode_labels(

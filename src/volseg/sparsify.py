@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from volseg import io
+from volseg import atomic, layout, volumes
 from volseg.errors import VolsegError
 from volseg.preprocessing import sparse_slice_mask
 
@@ -47,7 +47,7 @@ def sparsify_dataset(
     never leaves a half-sparsified dataset behind.
     """
     dense, out = Path(dense), Path(out)
-    info, cases = io.read_dataset(dense)
+    info, cases = layout.read_dataset(dense)
     if out.exists():
         if not overwrite:
             raise VolsegError(out, "output already exists", "pass --overwrite to replace it")
@@ -66,20 +66,20 @@ def sparsify_dataset(
         iterator = tqdm(iterator, total=len(cases), desc="sparsify", unit="case", disable=None)
     labelled = total = 0
     per_case = {}
-    with io.folder_written_atomically(out, ("imagesTr", "labelsTr", DENSE_LABELS)) as tmp:
+    with atomic.folder_written_atomically(out, ("imagesTr", "labelsTr", DENSE_LABELS)) as tmp:
         for index, case in iterator:
             for image in case.images:
                 _place(image, tmp / "imagesTr" / image.name, copy_images)
             label_path = label_paths[index]
             _place(label_path, tmp / DENSE_LABELS / label_path.name, copy_images)
-            label = io.read_label(label_path)
+            label = volumes.read_label(label_path)
             rng = np.random.default_rng([seed, index])
             keep = sparse_slice_mask(label.shape, slices_per_axis, tuple(axes), strategy, rng, fraction)
             array = label.array[0]
             if info.ignore_label is not None:
                 keep &= array != info.ignore_label
-            sparse = np.where(keep, array, ignore).astype(io.label_dtype(0, ignore))
-            io.write_volume(tmp / "labelsTr" / label_path.name, sparse, reference=label)
+            sparse = np.where(keep, array, ignore).astype(volumes.label_dtype(0, ignore))
+            volumes.write_volume(tmp / "labelsTr" / label_path.name, sparse, reference=label)
             per_case[case.case_id] = float(keep.mean())
             labelled += int(keep.sum())
             total += keep.size

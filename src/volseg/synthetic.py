@@ -380,7 +380,8 @@ def write_dataset(
     be regenerated alone; test cases continue the numbering (i = n_cases .. n_cases + n_test - 1) and go
     to imagesTs/ and labelsTs/. Images are one file per channel (``case_000_0000.nii.gz``).
     """
-    from volseg.io import write_dataset_json, write_volume  # one layer below; lazy so make_phantom needs no io
+    from volseg.layout import write_dataset_json  # layers below; lazy so make_phantom needs no file I/O
+    from volseg.volumes import write_volume
 
     shape, spacing = _check_params(shape_vox, spacing_mm, n_classes, n_channels, noise, bias, None)
     _check_int("n_cases", n_cases, 1)
@@ -519,7 +520,8 @@ def write_touching_dataset(
     The instance maps (one id per object) are what border weights and object-level metrics use;
     case i is drawn from ``np.random.default_rng([seed, i])`` like `write_dataset`.
     """
-    from volseg.io import write_text_atomic, write_volume
+    from volseg.atomic import write_text_atomic
+    from volseg.volumes import write_volume
 
     out = Path(out_dir)
     spacing = np.asarray(spacing_mm, dtype=np.float64)

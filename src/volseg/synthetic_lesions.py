@@ -186,7 +186,8 @@ def write_lesion_dataset(out_dir: str | Path, n_cases: int = 6, n_test: int = 4,
     """Write `make_lesion_case` cases in the nnU-Net v2 layout (test cases to imagesTs/labelsTs)."""
     from tqdm import tqdm
 
-    from volseg.io import write_dataset_json, write_volume
+    from volseg.layout import write_dataset_json
+    from volseg.volumes import write_volume
 
     for name, value, low in (("n_cases", n_cases, 1), ("n_test", n_test, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
