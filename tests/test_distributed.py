@@ -52,7 +52,7 @@ def test_torchrun_two_cpu_processes(tiny_dataset: Path, tmp_path: Path) -> None:
 def test_process_group_backend_per_device(monkeypatch, device, backend, expected):
     import torch.distributed as dist
 
-    from volseg.train import Dist
+    from volseg.distributed import Dist
 
     seen: list[str] = []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -69,7 +69,7 @@ def test_wait_released_waits_for_other_holders():
     """`Dist.stop` must not tear down while a gloo worker still holds a collective's tensor."""
     import threading
 
-    from volseg.train import _wait_released
+    from volseg.distributed import _wait_released
 
     t = torch.zeros(2, dtype=torch.float64)
     weight = torch.ones(2, dtype=torch.float64, requires_grad=True)

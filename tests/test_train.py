@@ -17,6 +17,8 @@ from volseg.config import Config, DataConfig, InferConfig, ModelConfig, TrainCon
 from volseg.data import CaseData
 from volseg.errors import VolsegError
 from volseg.train import (
+    BestModel,
+    Plateau,
     CONFIG_JSON,
     METRICS_CSV,
     SPLIT_JSON,
@@ -129,11 +131,10 @@ def test_few_cases_say_what_the_validation_rests_on():
 
 def _chosen_epoch(dices: list[float], smooth: bool) -> int:
     """The epoch the training loop keeps as model_best for this sequence of validation Dice."""
-    score, best, at = None, -1.0, 0
+    keeper, at = BestModel(smooth), 0
     for epoch, dice in enumerate(dices, 1):
-        score = selection_score(score, dice, smooth)
-        if score > best:
-            best, at = score, epoch
+        if keeper.update(dice):
+            at = epoch
     return at
 
 
@@ -146,6 +147,30 @@ def test_few_cases_choose_the_best_model_on_smoothed_validation_dice():
     # a real improvement still wins at once, and many cases keep the raw maximum
     assert _chosen_epoch([0.5, 0.6, 0.9], smooth=True) == 3
     assert _chosen_epoch([0.5, 0.9, 0.8], smooth=False) == 2
+
+
+def test_best_model_keeps_the_raw_dice_of_the_epoch_its_smoothed_score_chose():
+    keeper = BestModel(smooth=True)
+    assert keeper.update(0.5) and keeper.dice == 0.5
+    assert keeper.update(0.9)  # smoothed 0.7 beats 0.5
+    assert keeper.best == pytest.approx(selection_score(0.5, 0.9, True)) and keeper.dice == 0.9
+    assert not keeper.update(0.6)  # smoothed 0.65 does not
+    assert keeper.score == pytest.approx(0.65) and keeper.dice == 0.9
+
+
+def test_plateau_stops_after_patience_epochs_without_a_min_delta_improvement():
+    plateau = Plateau(patience=2, min_delta=0.1)
+    for loss in (1.0, 0.95, 0.8):  # 0.95 is within min_delta of 1.0; 0.8 improves
+        plateau.update(loss)
+    assert (plateau.best_loss, plateau.stale, plateau.stalled) == (0.8, 0, False)
+    plateau.update(0.75)
+    assert not plateau.stalled
+    plateau.update(0.79)
+    assert plateau.stalled
+    never = Plateau(patience=0, min_delta=0.0)
+    for _ in range(50):
+        never.update(1.0)
+    assert never.stale == 49 and not never.stalled  # the first loss is an improvement
 
 
 def test_split_cases_single_case_validates_on_itself():
@@ -239,6 +264,43 @@ def test_resume_with_more_epochs_extends_a_finished_run(tiny_dataset, tiny_overr
     rows = read_metrics(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert summary["epochs"] == 3
+
+
+def _train_state(run_dir: Path) -> tuple[dict, dict, dict]:
+    """(JSON state, all metadata, tensors) of a run's train_state.safetensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / TRAIN_STATE), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return json.loads(meta["state"]), meta, tensors
+
+
+def test_train_state_holds_what_resume_reads(trained_run):
+    state, _, _ = _train_state(trained_run[0])
+    assert set(state) == {"epoch", "spent_s", "best", "stale", "best_loss", "iters", "history", "score",
+                          "best_dice", "torch_rng", "world_size"}
+    assert state["epoch"] == 2 and [r["epoch"] for r in state["history"]] == [1, 2]
+    assert state["best_dice"] == pytest.approx(trained_run[1]["best_val_dice"]) and state["world_size"] == 1
+
+
+def test_a_state_file_without_the_smoothed_score_still_resumes(trained_run, tiny_dataset, tmp_path):
+    """Runs saved before `score` and `best_dice` were kept (`best` was the raw Dice) resume."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    state, meta, tensors = _train_state(run)
+    state["best"] = state.pop("best_dice")
+    del state["score"]
+    save_file(tensors, str(run / TRAIN_STATE), metadata={**meta, "state": json.dumps(state)})
+
+    summary = train(tiny_dataset, run, device="cpu", resume=True, progress=False, overrides={"train": {"max_epochs": 3}})
+
+    rows = read_metrics(run)
+    assert summary["epochs"] == 3 and [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert summary["best_val_dice"] in [pytest.approx(float(r["val_dice"])) for r in rows]
+    assert read_model_file(run / MODEL_BEST)[2]["val_dice"] == pytest.approx(summary["best_val_dice"])
 
 
 def test_resume_without_training_state_is_refused(tiny_dataset, tmp_path):

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from volseg import io
+from volseg.config import DataConfig
 from volseg.errors import VolsegError
 from volseg.sparsify import DENSE_LABELS
 
@@ -498,6 +499,50 @@ def suggest_slices(
     from volseg.inference import load_ensemble, resolve_device
 
     dataset = Path(dataset)
+    axes = _check_suggest_options(axes, measure, top_k, min_gap, budget, diversity)
+    info, cases, ignore = _sparse_dataset(dataset)
+    csv_path = None if out is None else Path(out) / SUGGESTIONS_CSV
+    if csv_path is not None and csv_path.exists() and not overwrite:
+        raise VolsegError(csv_path, "output already exists", "pass --overwrite to replace it")
+    dev = resolve_device(device)
+    models, cfgs = load_ensemble(model_paths, dev)
+    data = cfgs[0].data
+    _check_model_fits(dataset, info, data, ignore)
+    iterator: Iterable[io.Case] = cases
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(cases, desc="suggest", unit="case", disable=None)
+    n_candidates = 3 * top_k + 3  # per case: enough for the spread to swap a pick for another peak
+    candidates: list[dict[str, Any]] = []
+    prior: dict[int, list[float]] = {a: [] for a in axes}  # where the cases are labelled already
+    with tempfile.TemporaryDirectory(prefix=".suggest-", dir=_made(out)) as scratch:
+        for number, case in enumerate(iterator):
+            image, labelled = _read_sparse_case(case, info, ignore)
+            mean, uncertainty = _case_uncertainty(models, cfgs, image, mirror, measure, dev)
+            best = mean.argmax(0)
+            foreground = best != 0
+            ranked = rank_slices(uncertainty, labelled, axes, n_candidates, min_gap)
+            for a in axes:
+                prior[a] += relative_positions(foreground, a, np.flatnonzero(labelled_slices(labelled, a))).tolist()
+            case_rows = _candidate_rows(case.case_id, number, ranked, foreground, float(labelled.mean()))
+            candidates += case_rows
+            if out is not None and case_rows:  # the preview planes wait on disk until the picks are known
+                seg = np.asarray(data.class_values)[best]
+                panels = _panels(image.array[0], seg, uncertainty, labelled, case_rows, image.spacing)
+                _save_panels(Path(scratch) / f"{number}.npz", panels)
+        rows = select_spread(candidates, prior, top_k, budget, diversity)
+        if out is not None:
+            _write_previews(rows, Path(scratch), Path(out))
+    rows = [{**{k: v for k, v in r.items() if k != "_file"}, "position": round(r["position"], 4)} for r in rows]
+    if csv_path is not None:
+        write_suggestions_csv(csv_path, rows)
+    return rows
+
+
+def _check_suggest_options(axes: Sequence[int], measure: str, top_k: int, min_gap: int, budget: int | None,
+                           diversity: float) -> tuple[int, ...]:
+    """`suggest_slices`' options checked before any case is read; the axes as a tuple."""
     axes = _check_axes(axes)
     if measure not in MEASURES:
         raise VolsegError(None, f"unknown uncertainty measure {measure!r}", f"use one of {', '.join(MEASURES)}")
@@ -509,69 +554,43 @@ def suggest_slices(
         raise VolsegError(None, f"--budget must be at least 1 slice, got {budget}")
     if not 0.0 <= diversity < 1.0:
         raise VolsegError(None, f"--diversity must be at least 0 and below 1, got {diversity}")
-    info, cases, ignore = _sparse_dataset(dataset)
-    csv_path = None if out is None else Path(out) / SUGGESTIONS_CSV
-    if csv_path is not None and csv_path.exists() and not overwrite:
-        raise VolsegError(csv_path, "output already exists", "pass --overwrite to replace it")
-    dev = resolve_device(device)
-    models, cfgs = load_ensemble(model_paths, dev)
-    data = cfgs[0].data
+    return axes
+
+
+def _check_model_fits(dataset: Path, info: io.DatasetInfo, data: DataConfig, ignore: int) -> None:
+    """Refuse a model whose channels or classes are not the dataset's (its ignore value aside)."""
+    where = dataset / "dataset.json"
     if data.channel_names and len(data.channel_names) != len(info.channel_names):
-        raise VolsegError(
-            dataset / "dataset.json",
-            f"declares {len(info.channel_names)} channels, the model expects {len(data.channel_names)}",
-        )
+        raise VolsegError(where, f"declares {len(info.channel_names)} channels, the model expects {len(data.channel_names)}")
     declared = tuple(sorted(v for _, v in info.labels if v != ignore))
     if data.class_values != declared:
-        raise VolsegError(
-            dataset / "dataset.json",
-            f"declares labels {list(declared)}, the model predicts {list(data.class_values)}",
-            "use a model trained on this task",
-        )
-    iterator: Iterable[io.Case] = cases
-    if progress:
-        from tqdm import tqdm
+        raise VolsegError(where, f"declares labels {list(declared)}, the model predicts {list(data.class_values)}",
+                          "use a model trained on this task")
 
-        iterator = tqdm(cases, desc="suggest", unit="case", disable=None)
-    n_candidates = 3 * top_k + 3  # per case: enough for the spread to swap a pick for another peak
-    candidates: list[dict[str, Any]] = []
-    prior: dict[int, list[float]] = {a: [] for a in axes}  # where the cases are labelled already
-    with tempfile.TemporaryDirectory(prefix=".suggest-", dir=_made(out)) as scratch:
-        for number, case in enumerate(iterator):
-            image, label = io.read_case(case, declared=[v for _, v in info.labels])
-            if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
-                raise VolsegError(case.images[0], "has NaN or Inf voxels; cannot predict on them")
-            labelled = label.array[0] != ignore
-            mean, uncertainty = _case_uncertainty(models, cfgs, image, mirror, measure, dev)
-            best = mean.argmax(0)
-            foreground = best != 0
-            ranked = rank_slices(uncertainty, labelled, axes, n_candidates, min_gap)
-            fraction = float(labelled.mean())
-            for a in axes:
-                prior[a] += relative_positions(foreground, a, np.flatnonzero(labelled_slices(labelled, a))).tolist()
-            case_rows = [
-                {"case": case.case_id, "axis": axis, "index": index, "score": round(score, 4),
-                 "labelled_fraction_before": round(fraction, 6),
-                 "position": float(relative_positions(foreground, axis, [index])[0]), "_file": number}
-                for axis, index, score in ranked
-            ]  # fmt: skip
-            candidates += case_rows
-            if out is not None and case_rows:  # the preview planes wait on disk until the picks are known
-                seg = np.asarray(data.class_values)[best]
-                panels = _panels(image.array[0], seg, uncertainty, labelled, case_rows, image.spacing)
-                _save_panels(Path(scratch) / f"{number}.npz", panels)
-        rows = select_spread(candidates, prior, top_k, budget, diversity)
-        if out is not None:
-            for name in dict.fromkeys(r["case"] for r in rows):
-                mine = [r for r in rows if r["case"] == name]
-                panels = _load_panels(Path(scratch) / f"{mine[0]['_file']}.npz", name)
-                _plot_panels([panels[(name, r["axis"], r["index"])] for r in mine], mine, Path(out) / f"{name}.png")
-    rows = [{k: v for k, v in r.items() if k != "_file"} for r in rows]
-    for r in rows:
-        r["position"] = round(r["position"], 4)
-    if csv_path is not None:
-        write_suggestions_csv(csv_path, rows)
-    return rows
+
+def _read_sparse_case(case: io.Case, info: io.DatasetInfo, ignore: int) -> tuple[io.Volume, np.ndarray]:
+    """A case's image and its mask of labelled voxels (label not `ignore`); NaN or Inf voxels refused."""
+    image, label = io.read_case(case, declared=[v for _, v in info.labels])
+    if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
+        raise VolsegError(case.images[0], "has NaN or Inf voxels; cannot predict on them")
+    return image, label.array[0] != ignore
+
+
+def _candidate_rows(case_id: str, number: int, ranked: Iterable[tuple[int, int, float]], foreground: np.ndarray,
+                    fraction: float) -> list[dict[str, Any]]:
+    """A case's ranked slices as suggestion rows; `_file` (the case's number) finds its preview planes."""
+    return [{"case": case_id, "axis": axis, "index": index, "score": round(score, 4),
+             "labelled_fraction_before": round(fraction, 6),
+             "position": float(relative_positions(foreground, axis, [index])[0]), "_file": number}
+            for axis, index, score in ranked]  # fmt: skip
+
+
+def _write_previews(rows: Sequence[Mapping[str, Any]], scratch: Path, out: Path) -> None:
+    """`out/<case>.png` for every case with a pick, from the planes its candidates left in `scratch`."""
+    for name in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == name]
+        panels = _load_panels(scratch / f"{mine[0]['_file']}.npz", name)
+        _plot_panels([panels[(name, r["axis"], r["index"])] for r in mine], mine, out / f"{name}.png")
 
 
 def _made(folder: str | Path | None) -> str | None:

@@ -1,8 +1,11 @@
 """The training loop, top to bottom: data, model, SGD + poly LR, validation per epoch, checkpoints.
 
-One function, `train`, with variants as config values or callables (never subclasses). The loop
-stops at the first of: the time budget, `max_epochs`, or `patience` epochs without a better
-validation loss. Everything needed to resume is written atomically at the end of each epoch.
+`train` is the entry point: `set_up` makes a `Run` (config, cases, network, optimiser, clocks) and
+`train_loop` reads as the epoch it runs: `train_epoch`, `validate_epoch`, `BestModel` choosing
+model_best, `Plateau` for early stopping, `save_checkpoint`, `log_epoch`. Variants are config
+values or callables (never subclasses). The loop stops at the first of: the time budget,
+`max_epochs`, or `patience` epochs without a better validation loss. Everything needed to resume
+is written atomically at the end of each epoch.
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ import dataclasses
 import io as _stdio
 import json
 import math
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from volseg import io
 from volseg.checkpoint import MODEL_BEST, MODEL_LAST, TRAIN_STATE, load_train_state, read_model_file, save_model, save_train_state
 from volseg.config import Config, DataConfig
 from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
+from volseg.distributed import Dist
 from volseg.errors import VolsegError
 from volseg.inference import (
     autocast_dtype,
@@ -34,7 +37,7 @@ from volseg.inference import (
     sliding_window,
     window_options,
 )
-from volseg.losses import SIGMOID_LOSSES, get_loss
+from volseg.losses import SIGMOID_LOSSES, LossFn, get_loss
 from volseg.model import UNet3d
 from volseg.memory import batch_loss
 from volseg.planning import apply_overrides, data_config_from_dataset, plan_run
@@ -56,100 +59,6 @@ MIN_CASES_FOR_TWO_VAL = 6
 # early, undertrained one (synthetic lesions, 10 min: epoch 3 of 12, a quarter into the
 # learning-rate decay).
 SELECT_EMA = 0.5
-
-
-# The tensors handed to gloo collectives, one per length, kept for the whole process. gloo's
-# worker thread drops its references to a finished collective a moment after the caller has the
-# result, and dropping a reference to a tensor Python also holds takes the GIL. DDP keeps the
-# process group and so those threads alive past destroy_process_group; if one is still that moment
-# behind when the interpreter shuts down, it dies inside a C++ destructor and the finished run
-# aborts (SIGABRT, "terminate called without an active exception"; seen in about 1 torchrun job in
-# 15 on a loaded 2-core CPU). `Dist.stop` waits for those references to go first.
-_REDUCE_BUFFERS: dict[int, torch.Tensor] = {}
-
-
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun) and the few collectives used.
-
-    Every rank trains on its own random patches; gradients are averaged by DistributedDataParallel.
-    Decisions that must agree (stop now, learning rate, epoch length) go through `max_`, and
-    validation sums through `sum_`, so all ranks take the same branch.
-    """
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def start(self, device: torch.device) -> torch.device:
-        """Join the process group (NCCL on GPUs, gloo on CPUs); one GPU per local rank."""
-        if not self.enabled:
-            return device
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            # the per-step clock/stop collectives are small CPU tensors: gloo carries them, NCCL
-            # (which takes CUDA tensors only) the gradients
-            dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-        return device
-
-    def _reduce(self, values: np.ndarray, op: str) -> np.ndarray:
-        if not self.enabled:
-            return values
-        import torch.distributed as dist
-
-        values = np.asarray(values, dtype=np.float64)
-        buf = _REDUCE_BUFFERS.get(values.size)
-        if buf is None:  # one per length, made once (this runs every training step)
-            buf = _REDUCE_BUFFERS[values.size] = torch.zeros(values.size, dtype=torch.float64)
-        buf.copy_(torch.from_numpy(values))
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return buf.numpy().copy()
-
-    def max_(self, values: Any) -> np.ndarray:
-        return self._reduce(np.atleast_1d(np.asarray(values, dtype=np.float64)), "max")
-
-    def sum_(self, values: Any) -> np.ndarray:
-        return self._reduce(np.atleast_1d(np.asarray(values, dtype=np.float64)), "sum")
-
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def stop(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                _wait_released(list(_REDUCE_BUFFERS.values()))
-                dist.destroy_process_group()
-
-
-def _wait_released(tensors: list[torch.Tensor], timeout_s: float = 10.0) -> bool:
-    """Wait (GIL released) until only Python holds `tensors`; False if a worker kept one past the timeout."""
-    if not hasattr(torch.Tensor, "_use_count"):
-        return True
-    deadline = time.monotonic() + timeout_s
-    alone = torch.zeros(1)._use_count()  # what a tensor held only by Python counts in this torch
-    for t in tensors:
-        while t._use_count() > alone:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.001)
-    return True
 
 
 def tune_allocator() -> bool:
@@ -225,6 +134,54 @@ def selection_score(previous: float | None, dice: float, smooth: bool) -> float:
     if previous is None or not smooth:
         return dice
     return SELECT_EMA * dice + (1 - SELECT_EMA) * previous
+
+
+@dataclasses.dataclass
+class BestModel:
+    """Which epoch is model_best: the one with the highest `selection_score` so far.
+
+    `update` is the whole rule, for the training loop and for tests that replay a run's Dice.
+    """
+
+    smooth: bool  # few cases: choose on the Dice smoothed over epochs
+    best: float = -math.inf  # the highest selection score so far
+    score: float | None = None  # the selection score of the last epoch
+    dice: float = -math.inf  # the validation Dice of the chosen epoch
+
+    def update(self, dice: float) -> bool:
+        """Score one more epoch's validation Dice; True when that epoch becomes model_best."""
+        self.score = selection_score(self.score, dice, self.smooth)
+        improved = self.score > self.best
+        if improved:
+            self.best, self.dice = self.score, dice
+        return improved
+
+
+@dataclasses.dataclass
+class Plateau:
+    """Early stopping: `patience` epochs in a row without a validation loss `min_delta` below the best.
+
+    >>> plateau = Plateau(patience=2, min_delta=0.0)
+    >>> for loss in (0.5, 0.6, 0.4, 0.45, 0.41):
+    ...     plateau.update(loss)
+    >>> plateau.stale, plateau.stalled
+    (2, True)
+    """
+
+    patience: int  # 0: never stop early
+    min_delta: float
+    best_loss: float = math.inf
+    stale: int = 0  # epochs since the last improvement
+
+    def update(self, val_loss: float) -> None:
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.stale = val_loss, 0
+        else:
+            self.stale += 1
+
+    @property
+    def stalled(self) -> bool:
+        return bool(self.patience) and self.stale >= self.patience
 
 
 def poly_lr(base_lr: float, progress: float, exponent: float) -> float:
@@ -355,38 +312,170 @@ def train(
     `overrides` maps config sections to field values, e.g. {"train": {"batch_size": 4}}.
     """
     t0 = time.monotonic()
-    out = Path(out_dir)
     dist = Dist()
     dev = dist.start(resolve_device(device))
     if dev.type == "cpu":
         tune_allocator()
-    progress = progress and dist.main
     try:
-        return _train(dataset, out, dist, dev, t0, max_minutes, seed, overrides, resume, progress, on_epoch, plan)
+        run = set_up(dataset, Path(out_dir), dist, dev, t0, max_minutes=max_minutes, seed=seed, overrides=overrides,
+                     resume=resume, progress=progress and dist.main, plan=plan)
+        return train_loop(run, on_epoch)
     finally:
         dist.stop()
 
 
-def _train(
+def train_loop(run: Run, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+    """The epochs: train, validate, keep the best model, save, log; stop at max_epochs, a plateau or the budget."""
+    tc = run.cfg.train
+    stop_reason = "max_epochs"
+    run.model.train()
+    while run.epoch < tc.max_epochs:
+        stats = train_epoch(run)
+        val = validate_epoch(run)
+        run.epoch += 1
+        row = epoch_row(run, stats, val)
+        run.history.append(row)
+        improved = run.best.update(val["val_dice"])
+        run.plateau.update(val["val_loss"])
+        if run.dist.main:
+            save_checkpoint(run, val, improved)
+        if run.progress:
+            log_epoch(run, row, improved)
+        if on_epoch and run.dist.main:
+            on_epoch(run.out, row)
+        if run.plateau.stalled:
+            stop_reason = "plateau"
+            break
+        if run.out_of_time():
+            stop_reason = "time"
+            break
+    return {
+        "best_val_dice": run.best.dice,
+        "epochs": run.epoch,
+        "minutes": (time.monotonic() - run.t0) / 60,
+        "stop_reason": stop_reason,
+        "run_dir": str(run.out),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# the run: what set-up makes and the epoch loop moves on
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run: config, cases, network and optimiser as set-up made them, the budget's
+    clock, and the counters the epoch loop moves on (what a resume restores)."""
+
+    cfg: Config
+    out: Path
+    dist: Dist
+    dev: torch.device
+    progress: bool
+    train_cases: list[CaseData]
+    val_cases: list[CaseData]
+    dense: dict[str, np.ndarray] | None  # dense truth of a sparsified dataset's validation cases
+    net: UNet3d
+    model: torch.nn.Module  # `net`, or its DistributedDataParallel wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    loss_fn: LossFn
+    best: BestModel
+    plateau: Plateau
+    t0: float  # this command's start
+    iters: int  # steps per epoch; 0: as many as fill `epoch_target_s`
+    epoch: int = 0
+    spent_s: float = 0.0  # what earlier sessions of a resumed run spent
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    val_s: float = 0.0  # the last validation's seconds, the same on every rank
+
+    @property
+    def budget_s(self) -> float:
+        return self.cfg.train.max_minutes * 60
+
+    @property
+    def run_start(self) -> float:
+        """The budget's clock starts at the command's start: planning, the timed step and preprocessing
+        count; a resumed run carries on from the time its earlier sessions spent."""
+        return self.t0 - self.spent_s
+
+    @property
+    def epoch_target_s(self) -> float:
+        """iters_per_epoch 0: an epoch is about 1/30 of the budget (at least 10 steps, at most 5
+        minutes), so the curves get points and plateaus show whatever the machine's speed."""
+        return min(self.budget_s / 30, 300.0)
+
+    def over_budget(self, margin_s: float = 0.0) -> bool:
+        """Whether another validation (plus `margin_s`) would run past the budget, on this rank's clock."""
+        return time.monotonic() - self.run_start + self.val_s * 1.2 + margin_s > self.budget_s
+
+    def out_of_time(self) -> bool:
+        """`over_budget` agreed by all ranks (the slowest decides), so all stop after the same epoch."""
+        return bool(self.dist.max_(self.over_budget(margin_s=1))[0])
+
+
+def set_up(
     dataset: str | Path,
     out: Path,
     dist: Dist,
     dev: torch.device,
     t0: float,
+    *,
     max_minutes: float | None,
     seed: int | None,
     overrides: dict[str, dict[str, Any]] | None,
     resume: bool,
     progress: bool,
-    on_epoch: EpochCallback | None,
     plan: str | Path | None,
-) -> dict[str, Any]:
+) -> Run:
+    """Everything before the first epoch: checks, plan, preprocessing cache, split, network, resume.
+
+    Refusals come before any work: unlabelled cases, a folder that holds a model (or nothing to
+    resume), a plan that does not fit the dataset, a patch the network cannot take.
+    """
+    info, cases = _read_labelled_cases(dataset)
+    _open_run_folder(out, resume, dist)
+    if resume:
+        _, saved, _ = read_model_file(out / MODEL_LAST)
+        cfg = _resume_overrides(saved, overrides or {}, max_minutes)
+    else:
+        cfg = _new_plan(info, cases, dataset, out, dist, dev, progress, plan, overrides, seed, max_minutes)
+    prepared = _preprocess(cases, cfg, out, dist, progress)
+    tc = cfg.train
+    output_window(cfg, tc.patch_size)  # refuse a patch the network cannot take before any work
+    if dist.main:
+        io.write_text_atomic(out / CONFIG_JSON, cfg.to_json())
+    train_cases, val_cases = _split(prepared, cfg, out, dist, progress, dataset)
+    dense = _dense_labels(Path(dataset), val_cases, cfg.data)
+    prior = None if resume else class_frequencies(train_cases, cfg.model.num_classes)
+    net, model, optimizer = _network(cfg, dev, dist, prior)
+    amp_dtype = autocast_dtype(dev)
+    run = Run(
+        cfg=cfg, out=out, dist=dist, dev=dev, progress=progress, train_cases=train_cases, val_cases=val_cases,
+        dense=dense, net=net, model=model, optimizer=optimizer,
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        scaler=torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16), amp_dtype=amp_dtype,
+        loss_fn=get_loss(tc.loss), best=BestModel(smooth=len(prepared) < FEW_CASES),
+        plateau=Plateau(tc.patience, tc.min_delta), t0=t0, iters=tc.iters_per_epoch,
+    )  # fmt: skip
+    if resume:
+        restore(run)
+    return run
+
+
+def _read_labelled_cases(dataset: str | Path) -> tuple[io.DatasetInfo, list[io.Case]]:
+    """The dataset's training cases; every one needs a label file."""
     info, cases = io.read_dataset(dataset)
     missing = [c.case_id for c in cases if c.label is None]
     if missing:
         raise VolsegError(dataset, f"{len(missing)} training cases have no label (first: {missing[0]})")
-    state_file = out / TRAIN_STATE
-    if resume and not state_file.exists():
+    return info, cases
+
+
+def _open_run_folder(out: Path, resume: bool, dist: Dist) -> None:
+    """Refuse to overwrite a trained model or to resume from nothing; clear a killed run's temporaries."""
+    if resume and not (out / TRAIN_STATE).exists():
         raise VolsegError(out, "nothing to resume: no training state in this folder", "drop --resume to start anew")
     if not resume and (out / MODEL_LAST).exists():
         raise VolsegError(out, "already holds a trained model", "use --resume to continue it or choose another -o folder")
@@ -396,61 +485,75 @@ def _train(
             if stale_tmp.is_file():
                 stale_tmp.unlink(missing_ok=True)
 
-    # ---- plan -------------------------------------------------------------------------------
-    if resume:
-        _, cfg, _ = read_model_file(out / MODEL_LAST)
-        cfg = _resume_overrides(cfg, overrides or {}, max_minutes)
-    else:
-        if plan is not None:
-            cfg = apply_overrides(_read_plan(Path(plan)), overrides or {}, seed, max_minutes)
-            fingerprint: dict[str, Any] | None = None
-        else:
-            cfg, fingerprint, reasons = plan_run(info, cases, dev, overrides, seed, max_minutes, autocast_dtype(dev),
-                                                 agree=lambda s: float(dist.max_([s])[0]) if dist.enabled else s)
-            if progress:
-                from tqdm import tqdm
 
-                for line in reasons:
-                    tqdm.write(f"plan: {line}")
-        if cfg.model.in_channels != len(info.channel_names) or cfg.data.class_values != data_config_from_dataset(info).class_values:
-            raise VolsegError(plan or dataset, "plan does not match the dataset's channels or labels")
-        if dist.main:
-            io.write_text_atomic(out / PLAN_JSON, json.dumps({"config": json.loads(cfg.to_json()), "fingerprint": fingerprint}, indent=2))
-    cache = out / "preprocessed"
-    iterator = cases
+def _new_plan(
+    info: io.DatasetInfo, cases: list[io.Case], dataset: str | Path, out: Path, dist: Dist, dev: torch.device,
+    progress: bool, plan: str | Path | None, overrides: dict[str, dict[str, Any]] | None, seed: int | None,
+    max_minutes: float | None,
+) -> Config:
+    """A new run's config, from a `volseg plan` file or planned here for the data, device and budget; kept as plan.json."""
+    fingerprint: dict[str, Any] | None = None
+    if plan is not None:
+        cfg = apply_overrides(_read_plan(Path(plan)), overrides or {}, seed, max_minutes)
+    else:
+        cfg, fingerprint, reasons = plan_run(info, cases, dev, overrides, seed, max_minutes, autocast_dtype(dev),
+                                             agree=lambda s: float(dist.max_([s])[0]) if dist.enabled else s)
+        if progress:
+            from tqdm import tqdm
+
+            for line in reasons:
+                tqdm.write(f"plan: {line}")
+    if cfg.model.in_channels != len(info.channel_names) or cfg.data.class_values != data_config_from_dataset(info).class_values:
+        raise VolsegError(plan or dataset, "plan does not match the dataset's channels or labels")
+    if dist.main:
+        io.write_text_atomic(out / PLAN_JSON, json.dumps({"config": json.loads(cfg.to_json()), "fingerprint": fingerprint}, indent=2))
+    return cfg
+
+
+def _preprocess(cases: list[io.Case], cfg: Config, out: Path, dist: Dist, progress: bool) -> dict[str, CaseData]:
+    """Every case resampled and normalised once, into the run's cache (rank 0 writes, the others read)."""
+    iterator: Iterable[io.Case] = cases
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(cases, desc="preprocess", unit="case", leave=False, disable=None)
     if not dist.main:
         dist.barrier()  # rank 0 fills the cache first; the others then only read it
-    prepared = {c.case_id: preprocess_case(c, cfg.data, cache, cfg.train.weight_map_spec) for c in iterator}
+    prepared = {c.case_id: preprocess_case(c, cfg.data, out / "preprocessed", cfg.train.weight_map_spec) for c in iterator}
     if dist.main:
         dist.barrier()
+    return prepared
 
+
+def _split(
+    prepared: dict[str, CaseData], cfg: Config, out: Path, dist: Dist, progress: bool, dataset: str | Path
+) -> tuple[list[CaseData], list[CaseData]]:
+    """Training and validation cases, the split kept as split.json; training cases without a labelled voxel drop out."""
     tc = cfg.train
-    output_window(cfg, tc.patch_size)  # refuse a patch the network cannot take before any work
     train_ids, val_ids = split_cases(list(prepared), tc.val_fraction, tc.seed, tc.fold, tc.folds)
+    note = validation_note(len(val_ids), len(prepared))
     if dist.main:
-        io.write_text_atomic(out / CONFIG_JSON, cfg.to_json())
-        io.write_text_atomic(out / SPLIT_JSON, json.dumps(
-            {"train": train_ids, "val": val_ids, "note": validation_note(len(val_ids), len(prepared))}, indent=1))
+        io.write_text_atomic(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids, "note": note}, indent=1))
     if progress:
         from tqdm import tqdm
 
-        named = f" ({', '.join(val_ids)})" if len(val_ids) <= 5 else ""
-        tqdm.write(validation_note(len(val_ids), len(prepared)) + named)
+        tqdm.write(note + (f" ({', '.join(val_ids)})" if len(val_ids) <= 5 else ""))
     train_cases = [c for c in (prepared[i] for i in train_ids) if c.labelled_voxels is None or len(c.labelled_voxels)]
     if not train_cases:
         raise VolsegError(dataset, "no training case has any labelled voxel")
-    val_cases = [prepared[i] for i in val_ids]
-    dense = _dense_labels(Path(dataset), val_cases, cfg.data)
+    return train_cases, [prepared[i] for i in val_ids]
 
-    # ---- model and optimiser -----------------------------------------------------------------
+
+def _network(
+    cfg: Config, dev: torch.device, dist: Dist, prior: np.ndarray | None
+) -> tuple[UNet3d, torch.nn.Module, torch.optim.Optimizer]:
+    """The seeded U-Net (output bias from the class `prior`; None: a resumed run loads its weights),
+    its DistributedDataParallel wrapper under torchrun (else itself), and SGD over its parameters."""
+    tc = cfg.train
     torch.manual_seed(tc.seed)
     net = UNet3d(cfg.model)
-    if not resume:  # a resumed run loads its weights below
-        net.init_output_bias(class_frequencies(train_cases, cfg.model.num_classes), tc.loss in SIGMOID_LOSSES)
+    if prior is not None:
+        net.init_output_bias(prior, tc.loss in SIGMOID_LOSSES)
     net = net.to(dev)
     model: torch.nn.Module = net
     if dist.enabled:
@@ -460,144 +563,172 @@ def _train(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay
     )
-    loss_fn = get_loss(tc.loss)
-    history: list[dict[str, Any]] = []
-    epoch, spent_s, best, stale, best_loss = 0, 0.0, -math.inf, 0, math.inf
-    score: float | None = None  # the selection score of the last epoch (`selection_score`)
-    best_dice = -math.inf  # the validation Dice of the chosen epoch
-    smooth = len(prepared) < FEW_CASES
-    iters = tc.iters_per_epoch
-    if resume:
-        tensors, _, _ = read_model_file(out / MODEL_LAST)
-        net.load_state_dict(tensors)
-        state, _ = load_train_state(state_file, optimizer)
-        epoch, spent_s, best, stale = state["epoch"], state["spent_s"], state["best"], state["stale"]
-        best_loss, iters, history = state["best_loss"], state["iters"], state["history"]
-        score, best_dice = state.get("score"), state.get("best_dice", best)  # older runs kept only "best"
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    budget_s = tc.max_minutes * 60
-    # iters_per_epoch 0: an epoch is about 1/30 of the budget (at least 10 steps, at most 5 minutes),
-    # so the curves get points and plateaus show whatever the machine's speed
-    epoch_target_s = min(budget_s / 30, 300.0)
-    # the budget is wall time from the command's start: planning, the timed step and preprocessing count
-    run_start = t0 - spent_s
+    return net, model, optimizer
 
-    amp_dtype = autocast_dtype(dev)
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
-    val_s = 0.0
-    stop_reason = "max_epochs"
-    model.train()
-    while epoch < tc.max_epochs:
-        stream = BatchStream(train_cases, tc.patch_size, tc.batch_size, np.random.default_rng([tc.seed, epoch, dist.rank]),
-                             tc.foreground_fraction, mirror=False, augment=cfg.augment if tc.augment else None,
-                             num_classes=cfg.model.num_classes, defer_augment=dev.type == "cuda")
-        epoch_start = time.monotonic()
-        losses, wait_s = [], 0.0
-        step, over_budget = 0, False
-        bar = None
-        if progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=iters or None, desc=f"epoch {epoch}", unit="it", leave=False, disable=None)
-        try:
-            while True:
-                # one collective per step keeps the clocks (LR) and the stop decision identical on all ranks
-                elapsed, over_budget = dist.max_([time.monotonic() - run_start, over_budget])
-                if step == 0:
-                    epoch_t0 = elapsed  # from the synced clock, so every rank ends the epoch at the same step
-                epoch_s = elapsed - epoch_t0
-                # an epoch also lasts at least 4x the last validation, so that whole-volume validation
-                # of large cases (512-wide MRI: half a minute) takes at most a fifth of the budget
-                epoch_done = step >= iters if iters else step >= 10 and epoch_s >= max(epoch_target_s, 4 * val_s)
-                if step and (over_budget or epoch_done):
-                    break
-                frac = max(epoch / tc.max_epochs, elapsed / budget_s if budget_s > 0 else 0)
-                lr = poly_lr(tc.lr, frac, tc.poly_exponent)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                tw = time.monotonic()
-                batch = next(stream)
-                wait_s += time.monotonic() - tw
-                x, y, w = (t.to(dev, non_blocking=True) for t in batch[:3])
-                if len(batch) == 4:  # regions cut on the CPU, resampled here on the GPU
-                    x, y, w = finish_augment(x, y, w, batch[3], tc.patch_size, cfg.model.num_classes)
-                loss = batch_loss(model, net, x, y, w, loss_fn, amp_dtype)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
-                scaler.update()
-                losses.append(float(loss.detach()))
-                step += 1
-                if bar is not None:
-                    bar.update()
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{lr:.4f}")
-                over_budget = time.monotonic() - run_start + val_s * 1.2 > budget_s
-        finally:
-            stream.close()
+# --------------------------------------------------------------------------------------------------
+# one epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochStats:
+    """What an epoch of steps leaves for its metrics row."""
+
+    lr: float  # of the last step
+    loss: float  # mean training loss over the steps
+    wait_s: float  # waiting for batches
+    seconds: float  # the whole epoch of steps
+
+
+def train_epoch(run: Run) -> EpochStats:
+    """SGD steps on fresh random patches until the epoch is done or the budget is spent.
+
+    Every step first agrees the clock and the stop decision across ranks, so all ranks take the
+    same number of steps with the same learning rate.
+    """
+    tc = run.cfg.train
+    stream = BatchStream(run.train_cases, tc.patch_size, tc.batch_size,
+                         np.random.default_rng([tc.seed, run.epoch, run.dist.rank]), tc.foreground_fraction,
+                         mirror=False, augment=run.cfg.augment if tc.augment else None,
+                         num_classes=run.cfg.model.num_classes, defer_augment=run.dev.type == "cuda")
+    start = time.monotonic()
+    losses: list[float] = []
+    wait_s, step, over_budget, epoch_t0, lr = 0.0, 0, False, 0.0, tc.lr
+    bar = None
+    if run.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=run.iters or None, desc=f"epoch {run.epoch}", unit="it", leave=False, disable=None)
+    try:
+        while True:
+            # one collective per step keeps the clocks (LR) and the stop decision identical on all ranks
+            elapsed, over_budget = run.dist.max_([time.monotonic() - run.run_start, over_budget])
+            if step == 0:
+                epoch_t0 = elapsed  # from the synced clock, so every rank ends the epoch at the same step
+            if step and (over_budget or _epoch_done(run, step, elapsed - epoch_t0)):
+                break
+            lr = _set_lr(run, elapsed)
+            tw = time.monotonic()
+            batch = next(stream)
+            wait_s += time.monotonic() - tw
+            losses.append(train_step(run, batch))
+            step += 1
             if bar is not None:
-                bar.close()
-        tv = time.monotonic()
-        val = validate(net, cfg, val_cases, dev, dense, dist)
-        val_s = float(dist.max_([time.monotonic() - tv])[0])  # the same on every rank: it sets the epoch's end
-        epoch += 1
-        train_s = tv - epoch_start
-        row = {
-            "epoch": epoch,
-            "seconds": round(time.monotonic() - run_start, 2),
-            "lr": lr,
-            "train_loss": float(np.mean(losses)),
-            **val,
-            "data_wait_fraction": round(wait_s / max(train_s, 1e-9), 4),
-        }
-        history.append(row)
-        score = selection_score(score, val["val_dice"], smooth)
-        improved = score > best
-        if improved:
-            best, best_dice = score, val["val_dice"]
-            if dist.main:
-                save_model(out / MODEL_BEST, net, cfg, {"epoch": epoch, **val})
-        if val["val_loss"] < best_loss - tc.min_delta:
-            best_loss, stale = val["val_loss"], 0
-        else:
-            stale += 1
-        if dist.main:
-            save_model(out / MODEL_LAST, net, cfg, {"epoch": epoch, **val})
-            state = {
-                "epoch": epoch, "spent_s": time.monotonic() - run_start, "best": best, "stale": stale,
-                "best_loss": best_loss, "iters": iters, "history": history, "score": score, "best_dice": best_dice,
-                "torch_rng": torch.get_rng_state().tolist(), "world_size": dist.world,
-            }
-            save_train_state(state_file, optimizer, state, {})
-            _write_metrics(out / METRICS_CSV, history)
-        if progress:
-            from tqdm import tqdm
+                bar.update()
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{lr:.4f}")
+            over_budget = run.over_budget()
+    finally:
+        stream.close()
+        if bar is not None:
+            bar.close()
+    return EpochStats(lr, float(np.mean(losses)), wait_s, time.monotonic() - start)
 
-            per_class = " ".join(f"{k[9:]}={v:.3f}" for k, v in val.items() if k.startswith("val_dice_"))
-            tqdm.write(
-                f"epoch {epoch}: train loss {row['train_loss']:.4f}  val loss {val['val_loss']:.4f}  "
-                f"val Dice {val['val_dice']:.4f} ({per_class})  {f'smoothed {score:.4f}  ' if smooth else ''}"
-                f"{'*best* ' if improved else ''}"
-                f"[{row['seconds'] / 60:.1f} / {tc.max_minutes:g} min, "
-                f"ETA {eta_seconds(row['seconds'], epoch, tc.max_epochs, budget_s) / 60:.1f} min]"
-            )
-        if on_epoch and dist.main:
-            on_epoch(out, row)
-        if tc.patience and stale >= tc.patience:
-            stop_reason = "plateau"
-            break
-        if dist.max_(time.monotonic() - run_start + val_s * 1.2 + 1 > budget_s)[0]:
-            stop_reason = "time"
-            break
+
+def _epoch_done(run: Run, step: int, epoch_s: float) -> bool:
+    """The epoch's end: `iters` steps, or with iters 0 at least 10 steps and `epoch_target_s`."""
+    if run.iters:
+        return step >= run.iters
+    # an epoch also lasts at least 4x the last validation, so that whole-volume validation
+    # of large cases (512-wide MRI: half a minute) takes at most a fifth of the budget
+    return step >= 10 and epoch_s >= max(run.epoch_target_s, 4 * run.val_s)
+
+
+def _set_lr(run: Run, elapsed_s: float) -> float:
+    """Poly decay over whichever runs out first, the epochs or the time budget."""
+    tc = run.cfg.train
+    frac = max(run.epoch / tc.max_epochs, elapsed_s / run.budget_s if run.budget_s > 0 else 0)
+    lr = poly_lr(tc.lr, frac, tc.poly_exponent)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def train_step(run: Run, batch: tuple[torch.Tensor, ...]) -> float:
+    """One optimiser step on a batch (autocast forward, scaled backward, clipped gradients); its loss."""
+    tc = run.cfg.train
+    x, y, w = (t.to(run.dev, non_blocking=True) for t in batch[:3])
+    if len(batch) == 4:  # regions cut on the CPU, resampled here on the GPU
+        x, y, w = finish_augment(x, y, w, batch[3], tc.patch_size, run.cfg.model.num_classes)
+    loss = batch_loss(run.model, run.net, x, y, w, run.loss_fn, run.amp_dtype)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 12.0)
+    run.scaler.step(run.optimizer)  # skips the step when fp16 gradients overflowed
+    run.scaler.update()
+    return float(loss.detach())
+
+
+def validate_epoch(run: Run) -> dict[str, float]:
+    """`validate` on the run's validation cases, timing it: the next epoch lasts at least 4x as long."""
+    tv = time.monotonic()
+    val = validate(run.net, run.cfg, run.val_cases, run.dev, run.dense, run.dist)
+    run.val_s = float(run.dist.max_([time.monotonic() - tv])[0])  # the same on every rank: it sets the epoch's end
+    return val
+
+
+def epoch_row(run: Run, stats: EpochStats, val: dict[str, float]) -> dict[str, Any]:
+    """The epoch's row of metrics.csv (and of the resume history)."""
     return {
-        "best_val_dice": best_dice,
-        "epochs": epoch,
-        "minutes": (time.monotonic() - t0) / 60,
-        "stop_reason": stop_reason,
-        "run_dir": str(out),
+        "epoch": run.epoch,
+        "seconds": round(time.monotonic() - run.run_start, 2),
+        "lr": stats.lr,
+        "train_loss": stats.loss,
+        **val,
+        "data_wait_fraction": round(stats.wait_s / max(stats.seconds, 1e-9), 4),
     }
+
+
+def log_epoch(run: Run, row: dict[str, Any], improved: bool) -> None:
+    """One line per epoch: losses, Dice per class, the smoothed score, time and ETA."""
+    from tqdm import tqdm
+
+    tc = run.cfg.train
+    per_class = " ".join(f"{k[9:]}={v:.3f}" for k, v in row.items() if k.startswith("val_dice_"))
+    smoothed = f"smoothed {run.best.score:.4f}  " if run.best.smooth else ""
+    tqdm.write(
+        f"epoch {run.epoch}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+        f"val Dice {row['val_dice']:.4f} ({per_class})  {smoothed}"
+        f"{'*best* ' if improved else ''}"
+        f"[{row['seconds'] / 60:.1f} / {tc.max_minutes:g} min, "
+        f"ETA {eta_seconds(row['seconds'], run.epoch, tc.max_epochs, run.budget_s) / 60:.1f} min]"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints and resume
+
+
+def save_checkpoint(run: Run, val: dict[str, float], improved: bool) -> None:
+    """model_best (when this epoch is the best), model_last, the resume state and metrics.csv; rank 0 only."""
+    extra = {"epoch": run.epoch, **val}
+    if improved:
+        save_model(run.out / MODEL_BEST, run.net, run.cfg, extra)
+    save_model(run.out / MODEL_LAST, run.net, run.cfg, extra)
+    save_train_state(run.out / TRAIN_STATE, run.optimizer, train_state(run), {})
+    _write_metrics(run.out / METRICS_CSV, run.history)
+
+
+def train_state(run: Run) -> dict[str, Any]:
+    """The JSON part of train_state.safetensors: counters, history, best-model and plateau state, RNG."""
+    return {
+        "epoch": run.epoch, "spent_s": time.monotonic() - run.run_start, "best": run.best.best,
+        "stale": run.plateau.stale, "best_loss": run.plateau.best_loss, "iters": run.iters, "history": run.history,
+        "score": run.best.score, "best_dice": run.best.dice,
+        "torch_rng": torch.get_rng_state().tolist(), "world_size": run.dist.world,
+    }  # fmt: skip
+
+
+def restore(run: Run) -> None:
+    """Continue from the last finished epoch: weights, optimiser, `train_state`'s counters and RNG."""
+    tensors, _, _ = read_model_file(run.out / MODEL_LAST)
+    run.net.load_state_dict(tensors)
+    state, _ = load_train_state(run.out / TRAIN_STATE, run.optimizer)
+    run.epoch, run.spent_s, run.iters, run.history = state["epoch"], state["spent_s"], state["iters"], state["history"]
+    run.best.best, run.best.score = state["best"], state.get("score")
+    run.best.dice = state.get("best_dice", state["best"])  # older runs kept only "best"
+    run.plateau.best_loss, run.plateau.stale = state["best_loss"], state["stale"]
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
 
 
 def _read_plan(path: Path) -> Config:

@@ -60,13 +60,7 @@ def border_weights(
     >>> float(border_weights((inst == 4).astype(np.uint8), (1.0, 1.0, 1.0)).max())  # one object
     0.0
     """
-    instances = _check_volume(instances, "instances")
-    if not (np.issubdtype(instances.dtype, np.integer)):
-        raise VolsegError(
-            None,
-            f"instances must be an integer array, got dtype {instances.dtype}",
-            "pass object ids (0 = background), e.g. from instances_from_labels()",
-        )
+    instances = _check_instances(instances)
     spacing = _check_spacing(spacing_mm)
     w0, sigma_mm, tolerance = float(w0), float(sigma_mm), float(tolerance)
     _check_border_params(w0, sigma_mm)
@@ -83,10 +77,37 @@ def border_weights(
     if len(objects) < 2:
         return out
 
+    _sum_of_two_nearest(instances, objects, spacing, _margin_vox(spacing, w0, sigma_mm, tolerance), out)
+    # w0 * exp(-(d1 + d2)^2 / (2 sigma^2)), in place; inf (no second object in reach) -> 0.
+    np.multiply(out, out, out=out)
+    out *= np.float32(-0.5 / sigma_mm**2)
+    np.exp(out, out=out)
+    out *= np.float32(w0)
+    out[instances != 0] = 0
+    return out
+
+
+def _margin_vox(spacing: tuple[float, float, float], w0: float, sigma_mm: float, tolerance: float) -> list[int]:
+    """Voxels per axis by which each object's box grows (`border_weights` says why that is enough).
+
+    >>> _margin_vox((1.0, 1.0, 2.0), 10.0, 5.0, 1e-5)  # cutoff 26.3 mm, less one voxel
+    [25, 25, 12]
+    """
     cutoff_mm = sigma_mm * math.sqrt(2.0 * math.log(w0 / tolerance))
     grow_mm = max(cutoff_mm - min(spacing), 0.0)
-    margin_vox = [int(math.floor(grow_mm / s)) for s in spacing]
+    return [int(math.floor(grow_mm / s)) for s in spacing]
 
+
+def _sum_of_two_nearest(
+    instances: np.ndarray,
+    objects: list[tuple[int, tuple[slice, ...]]],
+    spacing: tuple[float, float, float],
+    margin_vox: Sequence[int],
+    out: np.ndarray,
+) -> None:
+    """``d1 + d2`` into `out` (float32): the distances in mm from each voxel to its nearest and
+    second-nearest object (inf where fewer than two are in reach), each object's distance transform
+    taken only in its box grown by `margin_vox`. Works on squares and takes two roots at the end."""
     # Running smallest and second-smallest *squared* distances (the min/max updates are the same
     # on squares, and the square root is taken once at the end instead of once per object).
     d1 = np.full(instances.shape, np.inf, dtype=np.float32)
@@ -117,18 +138,9 @@ def border_weights(
         np.maximum(d1_crop, new, out=tmp)
         np.minimum(d2_crop, tmp, out=d2_crop)  # d2 = min(d2, max(d1, new))
         np.minimum(d1_crop, new, out=d1_crop)  # d1 = min(d1, new)
-
-    # w0 * exp(-(d1 + d2)^2 / (2 sigma^2)), in place; inf (no second object in reach) -> 0.
     np.sqrt(d1, out=d1)
     np.sqrt(d2, out=d2)
     np.add(d1, d2, out=out)
-    del d1, d2
-    np.multiply(out, out, out=out)
-    out *= np.float32(-0.5 / sigma_mm**2)
-    np.exp(out, out=out)
-    out *= np.float32(w0)
-    out[instances != 0] = 0
-    return out
 
 
 def class_balance_weights(
@@ -288,6 +300,17 @@ def _check_volume(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 3:
         raise VolsegError(None, f"{name} must be a 3D array (I, J, K), got shape {array.shape}")
     return array
+
+
+def _check_instances(instances: np.ndarray) -> np.ndarray:
+    instances = _check_volume(instances, "instances")
+    if not (np.issubdtype(instances.dtype, np.integer)):
+        raise VolsegError(
+            None,
+            f"instances must be an integer array, got dtype {instances.dtype}",
+            "pass object ids (0 = background), e.g. from instances_from_labels()",
+        )
+    return instances
 
 
 def _check_label_dtype(label: np.ndarray, name: str) -> None:
