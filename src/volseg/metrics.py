@@ -370,11 +370,21 @@ def _directed(
                 break  # the rest is far away: the tree is cheaper
             checked, lookups, hits = start, 0, 0
     spacing = np.asarray(spacing_mm)
-    points = np.stack(np.unravel_index(target_index, target.shape), axis=1) * spacing
-    asked = np.stack(np.unravel_index(pending, target.shape), axis=1) * spacing
-    tree = cKDTree(points, leafsize=32, balanced_tree=False, compact_nodes=False)
-    out[position] = tree.query(asked, k=1)[0]
+    target_vox = np.stack(np.unravel_index(target_index, target.shape), axis=1)
+    asked_vox = np.stack(np.unravel_index(pending, target.shape), axis=1)
+    tree = cKDTree(target_vox * spacing, leafsize=32, balanced_tree=False, compact_nodes=False)
+    nearest = tree.query(asked_vox * spacing, k=1)[1]
+    out[position] = _length_mm(target_vox[nearest] - asked_vox, spacing)
     return out
+
+
+def _length_mm(vectors: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Lengths (mm) of integer voxel offsets (n, ndim), the same to the last bit in any axis order.
+
+    The squared components are added smallest first, so that a permutation of the axes (a
+    Fortran-ordered array is processed in its memory order) cannot change a distance by rounding.
+    """
+    return np.sqrt(np.sort((vectors * spacing) ** 2, axis=1).sum(axis=1))
 
 
 @functools.lru_cache(maxsize=32)
@@ -397,7 +407,7 @@ def _offsets(spacing_mm: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.
     reach = np.floor(radius_mm / spacing).astype(np.int64)
     axes = np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij")
     vectors = np.stack([a.ravel() for a in axes], axis=1)
-    lengths = np.sqrt(((vectors * spacing) ** 2).sum(axis=1))
+    lengths = _length_mm(vectors, spacing)
     keep = lengths <= radius_mm
     order = np.argsort(lengths[keep], kind="stable")
     return vectors[keep][order], lengths[keep][order], reach

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from volseg import io, metrics, postprocessing
+from volseg import metrics, postprocessing
+from volseg.atomic import atomic_open
+from volseg.volumes import Volume, read_label
 from volseg.errors import VolsegError
 
 CSV_COLUMNS = (
@@ -205,12 +207,12 @@ def _evaluate_case(
     instances_path: str | None = None,
 ) -> tuple[str, dict[int, dict[str, float]], set[int]]:
     """(case, metrics per label, non-zero values in the reference) for one pair of files."""
-    pred = io.read_label(pred_path)
-    ref = io.read_label(ref_path)
+    pred = read_label(pred_path)
+    ref = read_label(ref_path)
     check_same_grid(pred, pred_path, ref, ref_path)
     ref_instances = None
     if instances_path is not None:
-        instance_map = io.read_label(instances_path)
+        instance_map = read_label(instances_path)
         check_same_grid(instance_map, instances_path, ref, ref_path)
         ref_instances = instance_map.array[0]
     pred_array, ref_array = pred.array[0], ref.array[0]
@@ -243,7 +245,7 @@ def _evaluate_case(
 
 
 def check_same_grid(
-    volume: io.Volume, path: PathLike, ref: io.Volume, ref_path: PathLike,
+    volume: Volume, path: PathLike, ref: Volume, ref_path: PathLike,
     hint: str = "predict on the reference grid or resample the prediction first", ref_is_label: bool = True,
 ) -> None:
     """A one-channel label map on the reference's grid (shape and affine), or a one-line VolsegError.
@@ -475,13 +477,13 @@ def _format_objects(objects: dict[str, dict]) -> str:
 def write_json(path: PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically; NaN/inf are refused (they are not JSON)."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    with io.atomic_open(path, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write(text)
 
 
 def write_csv_rows(path: PathLike, rows: Sequence[dict], columns: Sequence[str]) -> None:
     """Write `rows` under the header `columns`, atomically; keys outside `columns` are dropped."""
-    with io.atomic_open(path, "w") as f:
+    with atomic_open(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", restval="")
         writer.writeheader()
         writer.writerows(rows)
@@ -502,7 +504,7 @@ def _new_figure(width_in: float, height_in: float) -> Any:
 
 
 def _save_png(fig: Any, out_png: PathLike, dpi: int = 110) -> None:
-    with io.atomic_open(out_png, "wb") as f:
+    with atomic_open(out_png, "wb") as f:
         fig.savefig(f, format="png", dpi=dpi)
 
 

@@ -35,7 +35,7 @@ Choices, and why:
 from __future__ import annotations
 
 import csv
-import io as _stdio
+import io
 import json
 import os
 import tempfile
@@ -45,7 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from volseg import io
+from volseg.atomic import atomic_open, folder_written_atomically, write_text_atomic
+from volseg.layout import Case, DatasetInfo, read_case, read_dataset
+from volseg.volumes import Volume, label_dtype, read_label, write_volume
 from volseg.config import DataConfig
 from volseg.errors import VolsegError
 from volseg.sparsify import DENSE_LABELS
@@ -428,9 +430,9 @@ def random_over_cases(
 # datasets and models
 
 
-def _sparse_dataset(dataset: Path) -> tuple[io.DatasetInfo, list[io.Case], int]:
+def _sparse_dataset(dataset: Path) -> tuple[DatasetInfo, list[Case], int]:
     """Cases of a sparsely labelled dataset and its ignore value, or a one-line error why not."""
-    info, cases = io.read_dataset(dataset)
+    info, cases = read_dataset(dataset)
     if info.ignore_label is None:
         raise VolsegError(
             dataset / "dataset.json",
@@ -444,7 +446,7 @@ def _sparse_dataset(dataset: Path) -> tuple[io.DatasetInfo, list[io.Case], int]:
 
 
 def _case_uncertainty(
-    models: Sequence[Any], cfgs: Sequence[Any], image: io.Volume, mirror: bool, measure: str, device: Any
+    models: Sequence[Any], cfgs: Sequence[Any], image: Volume, mirror: bool, measure: str, device: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean class probabilities (C, I, J, K), uncertainty (I, J, K)) of one image over models x mirrors."""
     from volseg.inference import probabilities_on_input_grid
@@ -454,7 +456,7 @@ def _case_uncertainty(
     for model, cfg in zip(models, cfgs):
 
         def predict(array: np.ndarray, model: Any = model, cfg: Any = cfg) -> np.ndarray:
-            return probabilities_on_input_grid(model, cfg, io.Volume(array, image.affine), device)
+            return probabilities_on_input_grid(model, cfg, Volume(array, image.affine), device)
 
         variants = mirror_predictions(predict, image.array) if mirror else iter([predict(image.array)])
         for probs in variants:
@@ -508,7 +510,7 @@ def suggest_slices(
     models, cfgs = load_ensemble(model_paths, dev)
     data = cfgs[0].data
     _check_model_fits(dataset, info, data, ignore)
-    iterator: Iterable[io.Case] = cases
+    iterator: Iterable[Case] = cases
     if progress:
         from tqdm import tqdm
 
@@ -557,7 +559,7 @@ def _check_suggest_options(axes: Sequence[int], measure: str, top_k: int, min_ga
     return axes
 
 
-def _check_model_fits(dataset: Path, info: io.DatasetInfo, data: DataConfig, ignore: int) -> None:
+def _check_model_fits(dataset: Path, info: DatasetInfo, data: DataConfig, ignore: int) -> None:
     """Refuse a model whose channels or classes are not the dataset's (its ignore value aside)."""
     where = dataset / "dataset.json"
     if data.channel_names and len(data.channel_names) != len(info.channel_names):
@@ -568,9 +570,9 @@ def _check_model_fits(dataset: Path, info: io.DatasetInfo, data: DataConfig, ign
                           "use a model trained on this task")
 
 
-def _read_sparse_case(case: io.Case, info: io.DatasetInfo, ignore: int) -> tuple[io.Volume, np.ndarray]:
+def _read_sparse_case(case: Case, info: DatasetInfo, ignore: int) -> tuple[Volume, np.ndarray]:
     """A case's image and its mask of labelled voxels (label not `ignore`); NaN or Inf voxels refused."""
-    image, label = io.read_case(case, declared=[v for _, v in info.labels])
+    image, label = read_case(case, declared=[v for _, v in info.labels])
     if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
         raise VolsegError(case.images[0], "has NaN or Inf voxels; cannot predict on them")
     return image, label.array[0] != ignore
@@ -636,11 +638,11 @@ def _load_panels(path: Path, case: str) -> dict[tuple[str, int, int], dict[str, 
 
 def write_suggestions_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """The suggestion rows as CSV (one header line, `CSV_COLUMNS`), written atomically."""
-    buffer = _stdio.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    io.write_text_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 def read_suggestions_csv(path: str | Path) -> list[dict[str, Any]]:
@@ -725,7 +727,7 @@ def _plot_panels(panels: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str
         for ax in (left, right):
             ax.set_xlabel(f"axis {cols_axis}")
             ax.set_ylabel(f"axis {rows_axis}")
-    with io.atomic_open(out_png, "wb") as f:
+    with atomic_open(out_png, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
 
 
@@ -762,7 +764,7 @@ def apply_suggestions(
         raise VolsegError(sparse_dataset, f"has no case {unknown[0]!r} named in the suggestions")
     labelled = total = 0
     per_case: dict[str, float] = {}
-    with io.folder_written_atomically(out, ("imagesTr", "labelsTr", DENSE_LABELS)) as tmp:
+    with folder_written_atomically(out, ("imagesTr", "labelsTr", DENSE_LABELS)) as tmp:
         for case in cases:
             for path in case.images:
                 os.symlink(path.resolve(), tmp / "imagesTr" / path.name)
@@ -771,17 +773,17 @@ def apply_suggestions(
             if not dense_path.is_file():
                 raise VolsegError(dense_path, "dense label not found")
             os.symlink(dense_path.resolve(), tmp / DENSE_LABELS / name)
-            sparse = io.read_label(case.label)
+            sparse = read_label(case.label)
             array = sparse.array[0]
             added = by_case.get(case.case_id, [])
             if added:
-                dense = io.read_label(dense_path).array[0]
+                dense = read_label(dense_path).array[0]
                 if dense.shape != array.shape:
                     raise VolsegError(dense_path, f"shape {dense.shape} differs from the sparse label's {array.shape}")
                 fill = slices_mask(array.shape, added) & (array == ignore) & (dense != ignore)
                 array = np.where(fill, dense, array)
             keep = array != ignore
-            io.write_volume(tmp / "labelsTr" / name, array.astype(io.label_dtype(0, ignore)), reference=sparse)
+            write_volume(tmp / "labelsTr" / name, array.astype(label_dtype(0, ignore)), reference=sparse)
             per_case[case.case_id] = float(keep.mean())
             labelled += int(keep.sum())
             total += keep.size

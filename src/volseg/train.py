@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io as _stdio
+import io
 import json
 import math
 import time
@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from volseg import io
+from volseg.atomic import write_text_atomic
+from volseg.layout import Case, DatasetInfo, read_dataset
+from volseg.volumes import read_label
 from volseg.checkpoint import MODEL_BEST, MODEL_LAST, TRAIN_STATE, load_train_state, read_model_file, save_model, save_train_state
 from volseg.config import Config, DataConfig
 from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
@@ -288,11 +290,11 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    buf = _stdio.StringIO()
+    buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    io.write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def train(
@@ -445,7 +447,7 @@ def set_up(
     tc = cfg.train
     output_window(cfg, tc.patch_size)  # refuse a patch the network cannot take before any work
     if dist.main:
-        io.write_text_atomic(out / CONFIG_JSON, cfg.to_json())
+        write_text_atomic(out / CONFIG_JSON, cfg.to_json())
     train_cases, val_cases = _split(prepared, cfg, out, dist, progress, dataset)
     dense = _dense_labels(Path(dataset), val_cases, cfg.data)
     prior = None if resume else class_frequencies(train_cases, cfg.model.num_classes)
@@ -464,9 +466,9 @@ def set_up(
     return run
 
 
-def _read_labelled_cases(dataset: str | Path) -> tuple[io.DatasetInfo, list[io.Case]]:
+def _read_labelled_cases(dataset: str | Path) -> tuple[DatasetInfo, list[Case]]:
     """The dataset's training cases; every one needs a label file."""
-    info, cases = io.read_dataset(dataset)
+    info, cases = read_dataset(dataset)
     missing = [c.case_id for c in cases if c.label is None]
     if missing:
         raise VolsegError(dataset, f"{len(missing)} training cases have no label (first: {missing[0]})")
@@ -487,7 +489,7 @@ def _open_run_folder(out: Path, resume: bool, dist: Dist) -> None:
 
 
 def _new_plan(
-    info: io.DatasetInfo, cases: list[io.Case], dataset: str | Path, out: Path, dist: Dist, dev: torch.device,
+    info: DatasetInfo, cases: list[Case], dataset: str | Path, out: Path, dist: Dist, dev: torch.device,
     progress: bool, plan: str | Path | None, overrides: dict[str, dict[str, Any]] | None, seed: int | None,
     max_minutes: float | None,
 ) -> Config:
@@ -506,13 +508,13 @@ def _new_plan(
     if cfg.model.in_channels != len(info.channel_names) or cfg.data.class_values != data_config_from_dataset(info).class_values:
         raise VolsegError(plan or dataset, "plan does not match the dataset's channels or labels")
     if dist.main:
-        io.write_text_atomic(out / PLAN_JSON, json.dumps({"config": json.loads(cfg.to_json()), "fingerprint": fingerprint}, indent=2))
+        write_text_atomic(out / PLAN_JSON, json.dumps({"config": json.loads(cfg.to_json()), "fingerprint": fingerprint}, indent=2))
     return cfg
 
 
-def _preprocess(cases: list[io.Case], cfg: Config, out: Path, dist: Dist, progress: bool) -> dict[str, CaseData]:
+def _preprocess(cases: list[Case], cfg: Config, out: Path, dist: Dist, progress: bool) -> dict[str, CaseData]:
     """Every case resampled and normalised once, into the run's cache (rank 0 writes, the others read)."""
-    iterator: Iterable[io.Case] = cases
+    iterator: Iterable[Case] = cases
     if progress:
         from tqdm import tqdm
 
@@ -533,7 +535,7 @@ def _split(
     train_ids, val_ids = split_cases(list(prepared), tc.val_fraction, tc.seed, tc.fold, tc.folds)
     note = validation_note(len(val_ids), len(prepared))
     if dist.main:
-        io.write_text_atomic(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids, "note": note}, indent=1))
+        write_text_atomic(out / SPLIT_JSON, json.dumps({"train": train_ids, "val": val_ids, "note": note}, indent=1))
     if progress:
         from tqdm import tqdm
 
@@ -753,7 +755,7 @@ def _dense_labels(dataset: Path, cases: list[CaseData], data: DataConfig) -> dic
     for case in cases:
         path = folder / f"{case.case_id}{data.file_ending}"
         if path.exists():
-            dense[case.case_id] = encode_labels(io.read_label(path).array[0], data.class_values)[0]
+            dense[case.case_id] = encode_labels(read_label(path).array[0], data.class_values)[0]
     return dense
 
 
