@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from volseg import metrics, report
+from volseg import detection, metrics, report
 from volseg.cli import app
 from volseg.errors import VolsegError
 
@@ -19,7 +19,7 @@ ISO = (1.0, 1.0, 1.0)
 
 def scores(pred, ref, spacing=ISO, labels=(1,), **kw) -> dict[str, float]:
     """The row of the first label in `labels`."""
-    return metrics.object_scores(pred, ref, spacing, labels, **kw)[labels[0]]
+    return detection.object_scores(pred, ref, spacing, labels, **kw)[labels[0]]
 
 
 def bar(shape=(3, 4, 10)) -> np.ndarray:
@@ -144,7 +144,7 @@ def test_labels_are_scored_independently():
     ref[1, 1:3, 3:6] = 2  # touches label 1 but is another label's object
     pred = ref.copy()
     pred[1, 1:3, 3:6] = 0  # label 2 missed
-    rows = metrics.object_scores(pred, ref, ISO, [1, 2, 3])
+    rows = detection.object_scores(pred, ref, ISO, [1, 2, 3])
     assert rows[1]["n_ref_objects"] == 1.0 and rows[1]["obj_f1@0.5"] == 1.0
     assert rows[2]["n_pred_objects"] == 0.0 and rows[2]["obj_f1@0.5"] == 0.0
     assert rows[2]["obj_precision@0.1"] == 0.0 and rows[2]["obj_recall@0.1"] == 0.0
@@ -157,7 +157,7 @@ def test_many_labels_use_the_same_answers():
         ref[value - 1, 0:value, 0] = value
     pred = ref.copy()
     pred[5, :, 0] = 0  # label 6 missed
-    rows = metrics.object_scores(pred, ref, ISO, range(1, 8))
+    rows = detection.object_scores(pred, ref, ISO, range(1, 8))
     assert [rows[v]["obj_f1@0.5"] for v in range(1, 8)] == [1.0] * 5 + [0.0, 1.0]
 
 
@@ -172,9 +172,9 @@ def test_empty_conventions():
     for pred, ref in ((empty, some), (some, empty)):
         row = scores(pred, ref)
         assert row["obj_precision@0.1"] == row["obj_recall@0.1"] == row["obj_f1@0.1"] == 0.0
-    assert metrics.detection_scores(0, 0, 0) == (1.0, 1.0, 1.0)
-    assert metrics.detection_scores(0, 3, 0) == (0.0, 0.0, 0.0)
-    assert metrics.detection_scores(0, 2, 2) == (0.0, 0.0, 0.0)
+    assert detection.detection_scores(0, 0, 0) == (1.0, 1.0, 1.0)
+    assert detection.detection_scores(0, 3, 0) == (0.0, 0.0, 0.0)
+    assert detection.detection_scores(0, 2, 2) == (0.0, 0.0, 0.0)
 
 
 def test_connectivity_decides_what_one_object_is():
@@ -185,9 +185,9 @@ def test_connectivity_decides_what_one_object_is():
 
 
 def test_fields_follow_the_thresholds():
-    assert metrics.OBJECT_FIELDS == metrics.object_fields((0.1, 0.5))
+    assert detection.OBJECT_FIELDS == detection.object_fields((0.1, 0.5))
     row = scores(bar(), bar(), iou_thresholds=(0.25,))
-    assert tuple(row) == metrics.object_fields((0.25,))
+    assert tuple(row) == detection.object_fields((0.25,))
 
 
 @pytest.mark.parametrize(
@@ -288,7 +288,7 @@ def test_evaluate_folders_pools_object_counts_over_cases(tmp_path):
     assert by_case["case_a"]["n_pred_objects"] == 2 and by_case["case_a"]["merged"] == 1
     assert by_case["case_b"]["split"] == 1 and isinstance(by_case["case_b"]["obj_tp@0.5"], int)
     header = list(read_csv(tmp_path / "m.csv")[0])
-    assert header == list(report.CSV_COLUMNS + metrics.OBJECT_FIELDS)
+    assert header == list(report.CSV_COLUMNS + detection.OBJECT_FIELDS)
 
     objects = report.summarize(read_csv(tmp_path / "m.csv"))["objects"]
     for key in ("1", "all"):
@@ -356,7 +356,7 @@ def test_cli_evaluate_instances_writes_object_columns_and_pooled_summary(tmp_pat
     assert result.exit_code == 0, result.output
     assert "F1@0.1" in result.output
     rows = read_csv(out_csv)
-    assert set(metrics.OBJECT_FIELDS) <= set(rows[0])
+    assert set(detection.OBJECT_FIELDS) <= set(rows[0])
     summary = json.loads(out_csv.with_suffix(".summary.json").read_text())
     pooled = summary["objects"]["all"]
     assert (pooled["n_pred_objects"], pooled["n_ref_objects"]) == (3, 3)  # the 12 mm³ blob dropped
@@ -374,5 +374,5 @@ def test_merged_ref_counts_every_reference_object_in_a_merge():
     pred = np.zeros_like(ref)
     pred[0, 1, 0:11] = 1
     pred[0, 1, 13:15] = 1
-    row = metrics.object_scores(pred, ref, (1.0, 1.0, 1.0), [1])[1]
+    row = detection.object_scores(pred, ref, (1.0, 1.0, 1.0), [1])[1]
     assert (row["merged"], row["merged_ref"], row["split"]) == (1.0, 3.0, 0.0)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from volseg import metrics, postprocessing
+from volseg import detection, metrics, postprocessing
 from volseg.atomic import atomic_open
 from volseg.volumes import Volume, read_label
 from volseg.errors import VolsegError
@@ -34,7 +34,7 @@ SUMMARY_METRICS = (
     "vol_diff_mm3", "vol_diff_rel",
 )  # fmt: skip
 _COUNT_FIELDS = ("n_ref", "n_pred", "n_ref_objects", "n_pred_objects", "merged", "merged_ref", "split") + tuple(
-    f for f in metrics.OBJECT_FIELDS if f.startswith("obj_tp@")
+    f for f in detection.OBJECT_FIELDS if f.startswith("obj_tp@")
 )  # written as integers
 _DISTANCE_METRICS = ("hd", "hd95", "assd")  # in mm; shown with "(mm)" in the summary table
 GEOMETRY_ATOL = 1e-3  # affine tolerance (mm): float32 headers round-trip with ~1e-6 error
@@ -69,7 +69,7 @@ def evaluate_folders(
     every metric: both maps are set to background there before scoring.
 
     With `instances` (implied by `ref_instances_dir`), each row also gets the object-level
-    detection fields `metrics.OBJECT_FIELDS` (metrics.object_scores; reference objects are the
+    detection fields `detection.OBJECT_FIELDS` (detection.object_scores; reference objects are the
     ids in the same-named file of `ref_instances_dir` when given, else connected components), and
     the CSV gets those columns. `min_volume_mm3 > 0` removes prediction components smaller than
     that (26-connected, per label) from the whole prediction before anything is scored (then
@@ -116,7 +116,7 @@ def evaluate_folders(
                     row[field] = int(row[field])
             rows.append(row)
     if out_csv is not None:
-        columns = CSV_COLUMNS + metrics.OBJECT_FIELDS if instances else CSV_COLUMNS
+        columns = CSV_COLUMNS + detection.OBJECT_FIELDS if instances else CSV_COLUMNS
         write_csv_rows(out_csv, rows, columns)
     return rows
 
@@ -235,7 +235,7 @@ def _evaluate_case(
         labels = sorted(ref_values | (set() if box is None else _nonzero_values(pred_array[box])))
     scores = metrics.compute(pred_array, ref_array, ref.spacing, labels, nsd_tolerance_mm)
     if instances:
-        objects = metrics.object_scores(
+        objects = detection.object_scores(
             pred_array, ref_array, ref.spacing, labels,
             min_volume_mm3=min_volume_mm3, ref_instances=ref_instances,
         )  # fmt: skip
@@ -282,7 +282,7 @@ def _both_empty(values: list[int], instances: bool = False) -> dict[int, dict[st
     blank = np.zeros((1, 1, 1), dtype=np.int32)
     rows = metrics.compute(blank, blank, (1.0, 1.0, 1.0), values)
     if instances:
-        for value, row in metrics.object_scores(blank, blank, (1.0, 1.0, 1.0), values).items():
+        for value, row in detection.object_scores(blank, blank, (1.0, 1.0, 1.0), values).items():
             rows[value].update(row)
     return rows
 
@@ -301,7 +301,7 @@ def summarize(rows: list[dict]) -> dict:
     Rows with object fields (`evaluate_folders(..., instances=True)`) add "objects": per label
     and for "all" (every label and case), the object counts summed over cases and the pooled
     precision, recall and F1 at each IoU threshold computed from those sums
-    (`metrics.detection_scores`), so a case with many objects weighs more than one with few.
+    (`detection.detection_scores`), so a case with many objects weighs more than one with few.
 
     >>> rows = [{"label": 1, "label_name": "a", "dice": d, "hd95": 2.0} for d in (0.5, 1.0)]
     >>> s = summarize(rows)
@@ -371,7 +371,7 @@ def _pooled_objects(by_label: dict[int, list[dict]]) -> dict[str, dict] | None:
         entry.update({c: sums[c] for c in ("n_ref_objects", "n_pred_objects")})
         for k in keys:
             tp = sums[f"obj_tp@{k}"]
-            precision, recall, f1 = metrics.detection_scores(
+            precision, recall, f1 = detection.detection_scores(
                 tp, sums["n_pred_objects"], sums["n_ref_objects"]
             )
             entry.update({
