@@ -254,6 +254,33 @@ def test_brightness_contrast_gamma_keep_what_they_promise() -> None:
     assert not np.allclose(x, y, atol=1e-2)
 
 
+def test_intensity_factors_are_drawn_per_channel_as_nnunet_does() -> None:
+    """Two sequences get their own brightness / contrast / gamma, so the network never learns a
+    fixed intensity ratio between them; one channel draws what it always drew."""
+    cfg = AugmentConfig(brightness_p=1, contrast_p=1, gamma_p=1)
+    one = sample_params(np.random.default_rng(5), 8, cfg, ISO, (8, 8, 8))
+    assert one.brightness.shape == (8,)
+    assert np.array_equal(one.gamma, sample_params(np.random.default_rng(5), 8, cfg, ISO, (8, 8, 8), channels=1).gamma)
+    two = sample_params(np.random.default_rng(5), 8, cfg, ISO, (8, 8, 8), channels=2)
+    for name in ("brightness", "contrast", "gamma"):
+        values = getattr(two, name)
+        assert values.shape == (8, 2) and not np.array_equal(values[:, 0], values[:, 1]), name
+    sometimes = sample_params(np.random.default_rng(6), 64, AugmentConfig(brightness_p=0.5), ISO, (8, 8, 8), channels=3)
+    drawn = sometimes.brightness != 1
+    assert np.array_equal(drawn, np.repeat(drawn[:, :1], 3, axis=1)) and 0 < drawn[:, 0].mean() < 1  # per sample
+
+    out = (10, 10, 10)
+    image, label = _volumes(out, batch=1, channels=2)
+    image = image * 2 + 1
+    params = _with(identity_params(1, ISO, out), brightness=[[1.2, 0.8]])
+    img, _, _ = apply(image, label, None, params, out, 3)
+    np.testing.assert_allclose(img[0, 0].numpy(), image[0, 0].numpy() * 1.2, rtol=1e-6)
+    np.testing.assert_allclose(img[0, 1].numpy(), image[0, 1].numpy() * 0.8, rtol=1e-6)
+    params = _with(identity_params(1, ISO, out), gamma=[[1.0, 1.4]], contrast=[[0.7, 1.0]])
+    img, _, _ = apply(image, label, None, params, out, 3)
+    assert img[0, 0].std() < image[0, 0].std() and not torch.allclose(img[0, 1], image[0, 1], atol=1e-2)
+
+
 def test_a_mixed_batch_equals_its_samples_one_by_one() -> None:
     out = (11, 13, 12)
     cfg = AugmentConfig(rotation_p=1, zoom_p=1, elastic_p=1, noise_p=1, brightness_p=1, contrast_p=1, gamma_p=1)

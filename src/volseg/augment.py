@@ -51,9 +51,9 @@ class AugmentParams:
     elastic_mm: np.ndarray  # (B, N0, N1, N2, 3)
     noise_std: np.ndarray  # (B,)
     noise_seed: np.ndarray  # (B,) int64
-    brightness: np.ndarray  # (B,)
-    contrast: np.ndarray  # (B,)
-    gamma: np.ndarray  # (B,)
+    brightness: np.ndarray  # (B,), or (B, C): a factor per channel
+    contrast: np.ndarray  # (B,) or (B, C)
+    gamma: np.ndarray  # (B,) or (B, C)
     label_mode: str = "nearest"
 
     @property
@@ -236,11 +236,15 @@ def _allowed_axes(cfg: AugmentConfig, spacing_mm: Sequence[float]) -> _Axes:
 
 
 def sample_params(rng: np.random.Generator, batch: int, cfg: AugmentConfig, spacing_mm: Sequence[float],
-                  patch_vox: Sequence[int]) -> AugmentParams:
+                  patch_vox: Sequence[int], channels: int = 1) -> AugmentParams:
     """Draw one batch's parameters; each transform is drawn per sample with its own probability.
 
     Every transform always consumes the same amount of randomness, so changing one probability
-    does not change what the others draw.
+    does not change what the others draw. Brightness, contrast and gamma factors are drawn per
+    channel (shape (B, C) when `channels` > 1), as nnU-Net does (`synchronize_channels=False`):
+    sequences of one scan vary in contrast independently (a lesion faint on T1c but bright on
+    FLAIR), and one factor for all channels would teach the network a fixed ratio between them.
+    One channel draws exactly what it drew before.
 
     >>> p = sample_params(np.random.default_rng(0), 4, AugmentConfig(), (1.0, 1.0, 1.0), (32, 32, 32))
     >>> p.angles_rad.shape, p.elastic_mm.shape, p.mirror.dtype
@@ -283,15 +287,21 @@ def sample_params(rng: np.random.Generator, batch: int, cfg: AugmentConfig, spac
     on = drawn(cfg.noise_p)
     noise_std = uniform(cfg.noise_std, (batch,)) * on
     noise_seed = rng.integers(0, 2**62, size=batch, dtype=np.int64)
-    on = drawn(cfg.brightness_p)
-    brightness = np.where(on, uniform(cfg.brightness_range, (batch,)), 1.0)
-    on = drawn(cfg.contrast_p)
-    contrast = np.where(on, uniform(cfg.contrast_range, (batch,)), 1.0)
-    on = drawn(cfg.gamma_p)
+    per_channel = (batch,) if channels == 1 else (batch, channels)
+
+    def drawn_per_channel(p: float) -> np.ndarray:
+        on = drawn(p)  # per sample, as nnU-Net's apply_probability; then every channel gets a factor
+        return on if channels == 1 else np.repeat(on[:, None], channels, axis=1)
+
+    on = drawn_per_channel(cfg.brightness_p)
+    brightness = np.where(on, uniform(cfg.brightness_range, per_channel), 1.0)
+    on = drawn_per_channel(cfg.contrast_p)
+    contrast = np.where(on, uniform(cfg.contrast_range, per_channel), 1.0)
+    on = drawn_per_channel(cfg.gamma_p)
     # as nnU-Net: half of the drawn gammas below one, half above, whatever the range's asymmetry
     g_lo, g_hi = cfg.gamma_range
-    below = rng.random(batch) < 0.5
-    u = rng.random(batch)
+    below = rng.random(per_channel) < 0.5
+    u = rng.random(per_channel)
     low_part = g_lo + u * (min(g_hi, 1.0) - g_lo)
     high_part = max(g_lo, 1.0) + u * (g_hi - max(g_lo, 1.0))
     gamma = np.where(on, np.where(below & (g_lo < 1), low_part, high_part), 1.0)
@@ -613,6 +623,24 @@ def _resample(image: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | N
     return image_out, res[:, :num_classes].argmax(1), weight_out
 
 
+def _changed(values: np.ndarray, channels: int) -> list[tuple[int, list[tuple[slice | int, float]]]]:
+    """(sample, [(channels, factor), ...]) for every sample with a factor other than 1.
+
+    A sample whose channels share one factor gets one whole-sample entry (one in-place call, as
+    with one factor per sample); otherwise one entry per channel.
+    """
+    out = []
+    for n in range(len(values)):
+        per_channel = np.broadcast_to(np.asarray(values[n], dtype=np.float64), (channels,))
+        if np.all(per_channel == 1):
+            continue
+        if np.all(per_channel == per_channel[0]):
+            out.append((n, [(slice(None), float(per_channel[0]))]))
+        else:
+            out.append((n, [(c, float(f)) for c, f in enumerate(per_channel)]))
+    return out
+
+
 def _intensity(image: torch.Tensor, params: AugmentParams) -> None:
     """Noise, brightness, contrast and gamma (nnU-Net's order), in place on the drawn samples only."""
     device = image.device
@@ -630,22 +658,29 @@ def _intensity(image: torch.Tensor, params: AugmentParams) -> None:
         else:
             idx = torch.as_tensor(noisy, device=device)
             image.index_copy_(0, idx, torch.addcmul(image.index_select(0, idx), noise, std))
-    for n in np.flatnonzero(params.brightness != 1):
-        image[n].mul_(float(params.brightness[n]))
+    for n, factors in _changed(params.brightness, image.shape[1]):
+        for channels, factor in factors:
+            image[n, channels].mul_(factor)
     spatial_dims = (1, 2, 3)
-    for n in np.flatnonzero(params.contrast != 1):
+    for n, factors in _changed(params.contrast, image.shape[1]):
         x = image[n]
         lo, hi = x.amin(spatial_dims, keepdim=True), x.amax(spatial_dims, keepdim=True)
         mean = x.mean(spatial_dims, keepdim=True)
-        x.sub_(mean).mul_(float(params.contrast[n])).add_(mean)
+        x.sub_(mean)
+        for channels, factor in factors:
+            x[channels].mul_(factor)
+        x.add_(mean)
         torch.maximum(x, lo, out=x)
         torch.minimum(x, hi, out=x)
-    for n in np.flatnonzero(params.gamma != 1):
+    for n, factors in _changed(params.gamma, image.shape[1]):
         x = image[n]
         mean, std = x.mean(spatial_dims, keepdim=True), x.std(spatial_dims, keepdim=True)
         lo = x.amin(spatial_dims, keepdim=True)
         span = x.amax(spatial_dims, keepdim=True) - lo + _EPS
-        x.sub_(lo).div_(span).pow_(float(params.gamma[n])).mul_(span).add_(lo)
+        x.sub_(lo).div_(span)
+        for channels, factor in factors:
+            x[channels].pow_(factor)
+        x.mul_(span).add_(lo)
         # keep mean and standard deviation, as nnU-Net does
         new_mean, new_std = x.mean(spatial_dims, keepdim=True), x.std(spatial_dims, keepdim=True)
         x.sub_(new_mean).mul_(std / (new_std + _EPS)).add_(mean)

@@ -222,7 +222,8 @@ def sample_batch(
     n_fg = max(1, round(fg_fraction * batch_size)) if fg_fraction > 0 else 0
     params = region = None
     if augment is not None:
-        params = aug.sample_params(rng, batch_size, augment, cases[0].spacing, patch)
+        params = aug.sample_params(rng, batch_size, augment, cases[0].spacing, patch,
+                                    channels=cases[0].image.shape[0])
         region = aug.input_size_for_params(params, patch)
     xs, ys, ws = [], [], []
     for b in range(batch_size):
