@@ -291,7 +291,7 @@ def sample_params(rng: np.random.Generator, batch: int, cfg: AugmentConfig, spac
 
     def drawn_per_channel(p: float) -> np.ndarray:
         on = drawn(p)  # per sample, as nnU-Net's apply_probability; then every channel gets a factor
-        return on if channels == 1 else np.repeat(on[:, None], channels, axis=1)
+        return on if channels == 1 else on[:, None]  # broadcasts over the channels
 
     on = drawn_per_channel(cfg.brightness_p)
     brightness = np.where(on, uniform(cfg.brightness_range, per_channel), 1.0)

@@ -142,7 +142,7 @@ def render_slices(
     centre = tuple(int(c) for c in centre)
     if len(centre) != 3 or not all(0 <= c < n for c, n in zip(centre, shape)):
         raise VolsegError(None, f"slice position {centre} is outside the volume of shape {shape}")
-    values = sorted(set().union(*(report._nonzero_values(np.asarray(a)) for a in (seg, ref) if a is not None)) - skip)
+    values = sorted(set().union(*(report.nonzero_values(np.asarray(a)) for a in (seg, ref) if a is not None)) - skip)
     label_names = label_names or {}
 
     from matplotlib import colormaps

@@ -21,8 +21,8 @@ import numpy as np
 
 from volseg import detection, metrics, postprocessing
 from volseg.atomic import atomic_open
-from volseg.volumes import Volume, read_label
 from volseg.errors import VolsegError
+from volseg.volumes import Volume, read_label
 
 CSV_COLUMNS = (
     "case", "label", "label_name",
@@ -206,7 +206,11 @@ def _evaluate_case(
     ignore_label: int | None = None, instances: bool = False, min_volume_mm3: float = 0.0,
     instances_path: str | None = None,
 ) -> tuple[str, dict[int, dict[str, float]], set[int]]:
-    """(case, metrics per label, non-zero values in the reference) for one pair of files."""
+    """(case, metrics per label, non-zero values in the reference) for one pair of files.
+
+    The reference's values are looked for only when `wanted` is None (they then name the labels);
+    with `wanted` given the set is empty and no extra pass over the volumes is made.
+    """
     pred = read_label(pred_path)
     ref = read_label(ref_path)
     check_same_grid(pred, pred_path, ref, ref_path)
@@ -225,14 +229,18 @@ def _evaluate_case(
         if unlabelled.any():
             pred_array = np.where(unlabelled, 0, pred_array).astype(pred_array.dtype)
             ref_array = np.where(unlabelled, 0, ref_array).astype(ref_array.dtype)
-    # Outside the box of both maps' non-zero voxels everything is background: the values present
-    # are read off the crop (a lesion's crop is a few thousand voxels of a 10-million-voxel scan).
-    box = metrics.nonzero_box(pred_array, ref_array)
-    ref_values = set() if box is None else _nonzero_values(ref_array[box])
+    ref_values: set[int] = set()
     if wanted is not None:
         labels = wanted
     else:
-        labels = sorted(ref_values | (set() if box is None else _nonzero_values(pred_array[box])))
+        # Outside the box of both maps' non-zero voxels everything is background: the values present
+        # are read off the crop (a lesion's crop is a few thousand voxels of a 10-million-voxel scan).
+        box = metrics.nonzero_box(pred_array, ref_array)
+        if box is not None:
+            ref_values = nonzero_values(ref_array[box])
+            labels = sorted(ref_values | nonzero_values(pred_array[box]))
+        else:
+            labels = []
     scores = metrics.compute(pred_array, ref_array, ref.spacing, labels, nsd_tolerance_mm)
     if instances:
         objects = detection.object_scores(
@@ -265,7 +273,7 @@ def check_same_grid(
         raise VolsegError(path, f"geometry differs from {ref_path} ({detail})", hint)
 
 
-def _nonzero_values(array: np.ndarray) -> set[int]:
+def nonzero_values(array: np.ndarray) -> set[int]:
     """Distinct non-zero values; a bincount (linear) when the values are small and non-negative."""
     if array.size == 0:
         return set()
@@ -628,7 +636,7 @@ def plot_overlay(
         raise VolsegError(None, f"spacing must be 3 positive numbers (mm), got {tuple(spacing)}")
     ref = None if ref is None else np.asarray(ref)
     centre = _centre_vox(ref if ref is not None and np.any(ref) else seg)
-    values = sorted(_nonzero_values(seg) | (set() if ref is None else _nonzero_values(ref)))
+    values = sorted(nonzero_values(seg) | (set() if ref is None else nonzero_values(ref)))
 
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
