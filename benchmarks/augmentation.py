@@ -60,6 +60,7 @@ PEERS = ("monai", "torchio", "batchgenerators", "batchgeneratorsv2")
 CFG = augment.AugmentConfig(
     rotation_p=1.0, zoom_p=1.0, elastic_p=1.0, noise_p=1.0, noise_std=(0.1, 0.1),
     elastic_magnitude_mm=(0.0, 6.0), brightness_p=0.0, contrast_p=0.0, gamma_p=0.0, mirror_p=0.0,
+    gamma_invert_p=0.0, blur_p=0.0, lowres_p=0.0,
 )
 
 
@@ -197,7 +198,8 @@ def label_mode_check() -> dict[str, float]:
     image = torch.zeros((1, 1, *region))
     rng = np.random.default_rng(1)
     cfg = augment.AugmentConfig(rotation_p=1, zoom_p=1, elastic_p=1, mirror_p=0, noise_p=0, brightness_p=0,
-                                contrast_p=0, gamma_p=0, elastic_magnitude_mm=(3.0, 3.0))
+                                contrast_p=0, gamma_p=0, gamma_invert_p=0, blur_p=0, lowres_p=0,
+                                elastic_magnitude_mm=(3.0, 3.0))
     results: dict[str, float] = {}
     params = [augment.sample_params(rng, 1, cfg, SPACING, out) for _ in range(8)]
     for mode in ("nearest", "linear"):

@@ -16,6 +16,10 @@ Datasets:
 
     python benchmarks/generalisation.py --minutes 10 --out bench_out/generalisation
 
+`--train-seeds 0,1,2` trains every arm once per training seed and reports the mean (and each run):
+with a few training cases one run per arm is too noisy to rank two methods. `--lesion-test 12`
+scores more held-out cases (nnU-Net's default network needs minutes per case to predict them).
+
 needs the `bench` extra's nnunetv2 (see `_nnunet.py`). The last line is one JSON object.
 """
 
@@ -26,6 +30,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,16 +66,33 @@ def mean(dice: dict[str, float]) -> float:
     return round(float(np.mean(list(dice.values()))), 4) if dice else 0.0
 
 
+def repeated(arm: str, seeds: list[int], one: Callable[[int, str], dict]) -> dict:
+    """An arm trained once per training seed: the mean Dice, and each run under "runs".
+
+    Why: with a few training cases, which small lesions a model finds changes with the training seed
+    (one case moved a seed's mean by 0.1-0.3), so one run per arm cannot rank two methods.
+    """
+    if len(seeds) == 1:
+        return one(seeds[0], "")
+    runs = [{"train_seed": s, **one(s, f"_t{s}")} for s in seeds]
+    ok = [r for r in runs if "error" not in r]
+    per_class = {k: round(float(np.mean([r["dice_per_class"][k] for r in ok])), 4)
+                 for k in (ok[0]["dice_per_class"] if ok else {})}
+    print(f"{arm}: Dice per training seed {[r['dice'] for r in runs]}", flush=True)
+    return {"dice": round(float(np.mean([r["dice"] for r in runs])), 4), "dice_per_class": per_class,
+            "dice_sd": round(float(np.std([r["dice"] for r in runs], ddof=1)), 4), "runs": runs}
+
+
 def volseg_arm(train_ds: Path, test_img: Path, test_lbl: Path, out: Path, minutes: float, seed: int,
-               extra: list[str]) -> dict:
-    run_dir, pred = out / "volseg_run", out / "volseg_pred"
+               extra: list[str], tag: str = "") -> dict:
+    run_dir, pred = out / f"volseg_run{tag}", out / f"volseg_pred{tag}"
     for folder in (run_dir, pred):
         if folder.exists():
             shutil.rmtree(folder)
     train_s = run(VOLSEG + ["train", str(train_ds), "-o", str(run_dir), "--max-minutes", str(minutes),
                             "--seed", str(seed), *extra])
     predict_s = run(VOLSEG + ["predict", "-m", str(run_dir), "-i", str(test_img), "-o", str(pred)])
-    dice = score(pred, test_lbl, train_ds / "dataset.json", out / "volseg_metrics.csv")
+    dice = score(pred, test_lbl, train_ds / "dataset.json", out / f"volseg{tag}_metrics.csv")
     plan = json.loads((run_dir / "plan.json").read_text())
     model, train = plan["config"]["model"], plan["config"]["train"]
     return {"dice": mean(dice), "dice_per_class": dice, "train_minutes": round(train_s / 60, 2),
@@ -80,11 +102,11 @@ def volseg_arm(train_ds: Path, test_img: Path, test_lbl: Path, out: Path, minute
 
 
 def nnunet_arm(variant: str, train_ds: Path, train_ids: list[str], test_img: Path, test_lbl: Path, out: Path,
-               minutes: float, seed: int) -> dict:
+               minutes: float, seed: int, tag: str = "") -> dict:
     from _nnunet import train_and_predict
 
     ending = json.loads((train_ds / "dataset.json").read_text()).get("file_ending", ".nii.gz")
-    work = out / f"nnunet_{variant}"
+    work = out / f"nnunet_{variant}{tag}"
     if work.exists():
         shutil.rmtree(work)
     t = time.monotonic()
@@ -93,11 +115,11 @@ def nnunet_arm(variant: str, train_ds: Path, train_ids: list[str], test_img: Pat
     except Exception as exc:  # an arm that cannot train in the budget scores 0, and says why
         print(f"nnU-Net {variant} failed: {exc}", flush=True)
         return {"dice": 0.0, "error": str(exc)[-2000:], "wall_minutes": round((time.monotonic() - t) / 60, 2)}
-    dice = score(Path(info["pred_dir"]), test_lbl, train_ds / "dataset.json", out / f"nnunet_{variant}_metrics.csv")
+    dice = score(Path(info["pred_dir"]), test_lbl, train_ds / "dataset.json", out / f"nnunet_{variant}{tag}_metrics.csv")
     return {"dice": mean(dice), "dice_per_class": dice, **{k: v for k, v in info.items() if k != "pred_dir"}}
 
 
-def reusable_nnunet_arms(out: Path, args: argparse.Namespace) -> dict[str, dict]:
+def reusable_nnunet_arms(out: Path, args: argparse.Namespace, n_test: int) -> dict[str, dict]:
     """nnU-Net arms of an earlier run into the same folder, with the same budget and training seed.
 
     Why: they do not depend on volseg's code and cost most of the run (nnU-Net's default network
@@ -108,7 +130,8 @@ def reusable_nnunet_arms(out: Path, args: argparse.Namespace) -> dict[str, dict]
     if not path.exists():
         return {}
     earlier = json.loads(path.read_text())
-    if earlier.get("minutes") != args.minutes or earlier.get("seed", 0) != args.seed:
+    if (earlier.get("minutes") != args.minutes or earlier.get("n_test") != n_test
+            or earlier.get("train_seeds", [earlier.get("seed", 0)]) != args.train_seeds):
         return {}
     return {k: v for k, v in earlier.get("arms", {}).items()
             if k.startswith("nnunet_") and "error" not in v and v.get("dice", 0) > 0}
@@ -118,15 +141,18 @@ def compare(name: str, train_ds: Path, test_img: Path, test_lbl: Path, out: Path
     """The three arms on one dataset; the figures the issue asks for."""
     ending = json.loads((train_ds / "dataset.json").read_text()).get("file_ending", ".nii.gz")
     train_ids = sorted(p.name[: -len(ending)] for p in (train_ds / "labelsTr").glob(f"*{ending}"))
-    arms = {"volseg": volseg_arm(train_ds, test_img, test_lbl, out, args.minutes, args.seed, args.extra.split())}
-    earlier = reusable_nnunet_arms(out, args) if args.reuse_nnunet else {}
+    arms = {"volseg": repeated("volseg", args.train_seeds, lambda s, tag: volseg_arm(
+        train_ds, test_img, test_lbl, out, args.minutes, s, args.extra.split(), tag))}
+    n_test = len(test_images(test_img, ending))
+    earlier = reusable_nnunet_arms(out, args, n_test) if args.reuse_nnunet else {}
     for variant in args.nnunet:
         name_ = f"nnunet_{variant}"
         if name_ in earlier:
             print(f"{name}: nnU-Net {variant} reused from {out / 'result.json'} (same cases, same budget)", flush=True)
             arms[name_] = {**earlier[name_], "reused": True}
             continue
-        arms[name_] = nnunet_arm(variant, train_ds, train_ids, test_img, test_lbl, out, args.minutes, args.seed)
+        arms[name_] = repeated(name_, args.train_seeds, lambda s, tag, v=variant: nnunet_arm(
+            v, train_ds, train_ids, test_img, test_lbl, out, args.minutes, s, tag))
     default = arms.get("nnunet_default", {}).get("dice", 0.0)
     reduced = arms.get("nnunet_reduced", {}).get("dice", 0.0)
     best = max(default, reduced)
@@ -134,7 +160,8 @@ def compare(name: str, train_ds: Path, test_img: Path, test_lbl: Path, out: Path
         "dice_volseg": arms["volseg"]["dice"], "dice_nnunet": best, "dice_nnunet_default": default,
         "dice_nnunet_reduced": reduced, "minutes": args.minutes,
         "ratio_to_nnunet": round(arms["volseg"]["dice"] / best, 3) if best > 0 else None,
-        "n_train": len(train_ids), "n_test": len(test_images(test_img, ending)), "seed": args.seed, "arms": arms,
+        "n_train": len(train_ids), "n_test": n_test, "seed": args.seed,
+        "train_seeds": args.train_seeds, "arms": arms,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(f"{name}: volseg {result['dice_volseg']}  nnU-Net default {default}  reduced {reduced}  "
@@ -151,13 +178,18 @@ def main() -> None:
     parser.add_argument("--lesion-test", type=int, default=4)
     parser.add_argument("--hippocampus", type=Path, default=SHARED_DATA / "Dataset004_Hippocampus")
     parser.add_argument("--nnunet", default="default,reduced", help="nnU-Net arms to run ('' for none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="split seed (hippocampus) and training seed")
+    parser.add_argument("--train-seeds", default=None,
+                        help="comma-separated training seeds: every arm is trained once per seed and its Dice averaged "
+                             "(default: --seed)")
     parser.add_argument("--extra", default="", help="extra `volseg train` flags")
     parser.add_argument("--reuse-nnunet", action="store_true",
-                        help="take the nnU-Net arms from an earlier run's result.json in --out (same budget and seed)")
+                        help="take the nnU-Net arms from an earlier run's result.json in --out (same budget, "
+                             "training seeds and number of test cases)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/generalisation"))
     args = parser.parse_args()
     args.nnunet = [v for v in args.nnunet.split(",") if v]
+    args.train_seeds = [int(s) for s in args.train_seeds.split(",")] if args.train_seeds else [args.seed]
     results: dict[str, dict] = {}
     for name in args.datasets.split(","):
         if name == "hippocampus":

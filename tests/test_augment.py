@@ -14,8 +14,9 @@ from volseg.augment import AugmentConfig, AugmentParams, apply, identity_params,
 from volseg.errors import VolsegError
 
 ISO = (1.0, 1.0, 1.0)
-ALL_SPATIAL = AugmentConfig(rotation_p=1, zoom_p=1, elastic_p=1, noise_p=0, brightness_p=0, contrast_p=0,
-                            gamma_p=0, mirror_p=0.5)
+NO_INTENSITY = {"noise_p": 0, "brightness_p": 0, "contrast_p": 0, "gamma_p": 0, "gamma_invert_p": 0, "blur_p": 0,
+                "lowres_p": 0}
+ALL_SPATIAL = AugmentConfig(rotation_p=1, zoom_p=1, elastic_p=1, mirror_p=0.5, **NO_INTENSITY)
 
 
 def _volumes(region: tuple[int, int, int], batch: int = 1, channels: int = 1, seed: int = 0,
@@ -283,19 +284,23 @@ def test_intensity_factors_are_drawn_per_channel_as_nnunet_does() -> None:
 
 def test_a_mixed_batch_equals_its_samples_one_by_one() -> None:
     out = (11, 13, 12)
-    cfg = AugmentConfig(rotation_p=1, zoom_p=1, elastic_p=1, noise_p=1, brightness_p=1, contrast_p=1, gamma_p=1)
+    cfg = AugmentConfig(rotation_p=1, zoom_p=1, elastic_p=1, noise_p=1, brightness_p=1, contrast_p=1, gamma_p=1,
+                        gamma_invert_p=1, blur_p=1, lowres_p=1)
     region = input_size_for(out, cfg, ISO)
     image, label = _volumes(region, batch=6, channels=2, seed=4)
     weight = (torch.rand(6, *region) > 0.2).to(torch.uint8)
-    drawn = sample_params(np.random.default_rng(2), 6, cfg, ISO, out)
-    ident = identity_params(6, ISO, out, cfg.elastic_spacing_mm)
+    drawn = sample_params(np.random.default_rng(2), 6, cfg, ISO, out, channels=2)
+    ident = replace(identity_params(6, ISO, out, cfg.elastic_spacing_mm), brightness=np.ones((6, 2)),
+                    contrast=np.ones((6, 2)), gamma=np.ones((6, 2)), gamma_inverted=np.ones((6, 2)),
+                    blur_sigma=np.zeros((6, 2, 3)), lowres_scale=np.ones((6, 2, 3)))
+    intensity = ("noise_std", "blur_sigma", "brightness", "contrast", "lowres_scale", "gamma_inverted", "gamma")
     keep = {  # sample -> transforms it keeps: none, mirror only, rotation, zoom + elastic, intensity, all
         0: (), 1: ("mirror",), 2: ("angles_rad",), 3: ("zoom", "elastic_mm"),
-        4: ("noise_std", "brightness", "contrast", "gamma"),
-        5: ("angles_rad", "zoom", "elastic_mm", "mirror", "noise_std", "brightness", "contrast", "gamma"),
+        4: intensity,
+        5: ("angles_rad", "zoom", "elastic_mm", "mirror", *intensity),
     }
     values = {}
-    for name in ("angles_rad", "zoom", "elastic_mm", "mirror", "noise_std", "brightness", "contrast", "gamma"):
+    for name in ("angles_rad", "zoom", "elastic_mm", "mirror", *intensity):
         v = getattr(ident, name).copy()
         for n, kept in keep.items():
             if name in kept:
@@ -355,3 +360,74 @@ def test_gpu_agrees_with_cpu() -> None:
     gpu = apply(image.cuda(), label.cuda(), None, params, out, 3)
     np.testing.assert_allclose(gpu[0].cpu().numpy(), cpu[0].numpy(), atol=1e-4)
     assert float((gpu[1].cpu() != cpu[1]).float().mean()) < 0.005
+
+
+def test_blur_and_low_resolution_stay_in_plane_for_thick_slices_and_pick_channels() -> None:
+    cfg = AugmentConfig(blur_p=1, lowres_p=1)
+    thick = sample_params(np.random.default_rng(3), 400, cfg, (0.8, 0.8, 4.0), (24, 24, 6), channels=2)
+    assert (thick.blur_sigma[..., 2] == 0).all() and (thick.lowres_scale[..., 2] == 1).all()
+    blurred = (thick.blur_sigma > 0).any(-1)
+    assert 0.4 < blurred.mean() < 0.6  # each channel of a drawn sample with probability 1/2, as nnU-Net
+    assert ((thick.blur_sigma[..., :2] >= 0.5) & (thick.blur_sigma[..., :2] <= 1.0))[blurred].all()
+    lowres = (thick.lowres_scale < 1).any(-1)
+    assert 0.4 < lowres.mean() < 0.6
+    # one factor for the axes it touches
+    assert (thick.lowres_scale[..., 0] == thick.lowres_scale[..., 1]).all()
+    iso = sample_params(np.random.default_rng(3), 50, cfg, ISO, (16, 16, 16), channels=1)
+    assert (iso.blur_sigma[..., 2] > 0).any() and (iso.lowres_scale[..., 2] < 1).any()
+    # off (the default), they draw nothing, so the other transforms of later batches draw what they drew before
+    rng_off, rng_on = np.random.default_rng(3), np.random.default_rng(3)
+    off = sample_params(rng_off, 50, AugmentConfig(), ISO, (16, 16, 16))
+    assert off.blur_sigma is None and off.lowres_scale is None and off.gamma_inverted is None
+    on = sample_params(rng_on, 50, cfg, ISO, (16, 16, 16))
+    for name in ("angles_rad", "zoom", "elastic_mm", "mirror", "brightness", "contrast", "gamma"):
+        assert np.array_equal(getattr(off, name), getattr(on, name))
+
+
+def test_blur_and_low_resolution_change_only_the_drawn_channel() -> None:
+    out = (12, 12, 6)
+    image, label = _volumes(out, channels=2, seed=9)
+    base = replace(identity_params(1, ISO, out), blur_sigma=np.array([[[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]),
+                   lowres_scale=np.ones((1, 2, 3)))
+    img, _, _ = apply(image.clone(), label, None, base, out, 3)
+    assert img[0, 0].std() < 0.6 * image[0, 0].std()  # white noise loses most of its variance
+    assert torch.equal(img[0, 1], image[0, 1])
+    # each slice is blurred on its own when the thick axis is left out
+    np.testing.assert_allclose(img[0, 0].mean((0, 1)).numpy(), image[0, 0].mean((0, 1)).numpy(), atol=0.15)
+    flat = torch.full((1, 1, *out), 3.0)
+    kept, _, _ = apply(flat, label, None, replace(base, blur_sigma=base.blur_sigma[:, :1],
+                                                  lowres_scale=np.array([[[0.5, 0.5, 1.0]]])), out, 3)
+    np.testing.assert_allclose(kept.numpy(), 3.0, atol=1e-5)  # mirrored borders: a constant stays constant
+    coarse = replace(base, blur_sigma=np.zeros((1, 2, 3)), lowres_scale=np.array([[[1, 1, 1], [0.5, 0.5, 1]]]))
+    low, _, _ = apply(image.clone(), label, None, coarse, out, 3)
+    assert torch.equal(low[0, 0], image[0, 0]) and low.shape == image.shape
+    # 6 x 6 nearest samples, linearly interpolated back: neighbouring voxels agree more
+    rough = (image[0, 1, 1:] - image[0, 1, :-1]).abs().mean()
+    assert (low[0, 1, 1:] - low[0, 1, :-1]).abs().mean() < 0.7 * rough
+
+
+def test_inverted_gamma_keeps_mean_and_std_and_lifts_the_dark_end() -> None:
+    out = (10, 10, 10)
+    image = torch.from_numpy(np.random.default_rng(4).gamma(2.0, size=(1, 1, *out)).astype(np.float32))
+    label = torch.zeros((1, *out), dtype=torch.uint8)
+    ident = identity_params(1, ISO, out)
+    plain, _, _ = apply(image.clone(), label, None, replace(ident, gamma=np.array([1.4])), out, 2)
+    inverted, _, _ = apply(image.clone(), label, None, replace(ident, gamma_inverted=np.array([1.4])), out, 2)
+    for x in (plain, inverted):
+        assert abs(float(x.mean() - image.mean())) < 1e-4 and abs(float(x.std() - image.std())) < 1e-3
+    assert not torch.allclose(plain, inverted, atol=1e-2)
+    same, _, _ = apply(image.clone(), label, None, replace(ident, gamma_inverted=np.array([1.0])), out, 2)
+    assert torch.equal(same, image)
+
+
+def test_params_logged_before_blur_and_low_resolution_still_replay() -> None:
+    out = (8, 8, 8)
+    params = sample_params(np.random.default_rng(0), 2, AugmentConfig(noise_p=1), ISO, out)
+    old = {k: v for k, v in params.to_dict().items() if k not in ("blur_sigma", "lowres_scale", "gamma_inverted")}
+    again = AugmentParams.from_dict(old)
+    assert again.blur_sigma is None and again.lowres_scale is None and again.gamma_inverted is None
+    image, label = _volumes(input_size_for(out, AugmentConfig(), ISO), batch=2)
+    a = apply(image.clone(), label, None, again, out, 3)
+    b = apply(image.clone(), label, None, replace(params, blur_sigma=None, lowres_scale=None, gamma_inverted=None),
+              out, 3)
+    assert torch.equal(a[0], b[0])

@@ -298,7 +298,7 @@ def test_augmented_batch_shapes_values_and_reproducibility():
     from volseg.config import AugmentConfig
 
     strong = AugmentConfig(rotation_p=1, zoom_p=1, elastic_p=1, noise_p=1, brightness_p=1, contrast_p=1,
-                           gamma_p=1, mirror_p=0.5)
+                           gamma_p=1, gamma_invert_p=1, blur_p=1, lowres_p=1, mirror_p=0.5)
     first = sample_batch(two_cases(), (8, 8, 8), 4, np.random.default_rng(7), fg_fraction=1.0, mirror=False,
                          augment=strong, num_classes=3)
     second = sample_batch(two_cases(), (8, 8, 8), 4, np.random.default_rng(7), fg_fraction=1.0, mirror=False,
@@ -317,7 +317,7 @@ def test_identity_augmentation_equals_plain_patches():
     from volseg.config import AugmentConfig
 
     off = AugmentConfig(rotation_p=0, zoom_p=0, elastic_p=0, noise_p=0, brightness_p=0, contrast_p=0, gamma_p=0,
-                        mirror_p=0)
+                        gamma_invert_p=0, blur_p=0, lowres_p=0, mirror_p=0)
     aug = sample_batch(two_cases(), (8, 8, 8), 3, np.random.default_rng(2), fg_fraction=0.5, mirror=False,
                        augment=off, num_classes=3)
     # the same rng stream without augmentation: parameters are drawn first, so draw them to stay in step

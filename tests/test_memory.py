@@ -204,7 +204,8 @@ def test_ranks_agree_on_the_slowest_measurement():
 
 
 def test_a_real_step_is_timed_and_narrower_is_faster():
-    small = dataclasses.replace(config(width=16, depth=3, patch=(24, 24, 24)), model=ModelConfig(num_classes=3, base_width=16, depth=3))
+    # 32 against 4 features: about 50x the arithmetic, so that one timed step orders them even on a busy machine
+    small = dataclasses.replace(config(width=32, depth=3, patch=(24, 24, 24)), model=ModelConfig(num_classes=3, base_width=32, depth=3))
     wide = step_seconds(small, torch.device("cpu"))
     narrow = step_seconds(dataclasses.replace(small, model=dataclasses.replace(small.model, base_width=4)), torch.device("cpu"))
     assert 0 < narrow < wide < 30

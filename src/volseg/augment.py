@@ -33,6 +33,8 @@ from volseg.config import AugmentConfig
 from volseg.errors import VolsegError
 
 _EPS = 1e-7
+CHANNEL_P = 0.5  # blur and low resolution: each channel of a drawn sample takes part with this probability (nnU-Net's)
+_BLUR_TRUNCATE = 3.0  # Gaussian kernel radius in sigmas
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +57,10 @@ class AugmentParams:
     contrast: np.ndarray  # (B,) or (B, C)
     gamma: np.ndarray  # (B,) or (B, C)
     label_mode: str = "nearest"
+    # drawn since 2026-12-07; None (older logs, hand-made params) changes nothing
+    blur_sigma: np.ndarray | None = None  # (B, C, 3) in voxels along axes 0, 1, 2; 0 = no blur
+    lowres_scale: np.ndarray | None = None  # (B, C, 3) along axes 0, 1, 2; 1 = untouched
+    gamma_inverted: np.ndarray | None = None  # (B,) or (B, C), like gamma, applied to the negated image
 
     @property
     def batch(self) -> int:
@@ -87,7 +93,9 @@ class AugmentParams:
         kinds = {"mirror": bool, "noise_seed": np.int64}
         out = {}
         for f in fields(cls):
-            v = values[f.name]
+            v = values.get(f.name)
+            if v is None and f.default is None:
+                continue
             if f.name == "spacing_mm":
                 v = tuple(float(s) for s in v)
             elif f.name != "label_mode":
@@ -297,14 +305,33 @@ def sample_params(rng: np.random.Generator, batch: int, cfg: AugmentConfig, spac
     brightness = np.where(on, uniform(cfg.brightness_range, per_channel), 1.0)
     on = drawn_per_channel(cfg.contrast_p)
     contrast = np.where(on, uniform(cfg.contrast_range, per_channel), 1.0)
-    on = drawn_per_channel(cfg.gamma_p)
-    # as nnU-Net: half of the drawn gammas below one, half above, whatever the range's asymmetry
-    g_lo, g_hi = cfg.gamma_range
-    below = rng.random(per_channel) < 0.5
-    u = rng.random(per_channel)
-    low_part = g_lo + u * (min(g_hi, 1.0) - g_lo)
-    high_part = max(g_lo, 1.0) + u * (g_hi - max(g_lo, 1.0))
-    gamma = np.where(on, np.where(below & (g_lo < 1), low_part, high_part), 1.0)
+
+    def gammas(p: float) -> np.ndarray:
+        on = drawn_per_channel(p)
+        # as nnU-Net: half of the drawn gammas below one, half above, whatever the range's asymmetry
+        g_lo, g_hi = cfg.gamma_range
+        below = rng.random(per_channel) < 0.5
+        u = rng.random(per_channel)
+        low_part = g_lo + u * (min(g_hi, 1.0) - g_lo)
+        high_part = max(g_lo, 1.0) + u * (g_hi - max(g_lo, 1.0))
+        return np.where(on, np.where(below & (g_lo < 1), low_part, high_part), 1.0)
+
+    gamma = gammas(cfg.gamma_p)
+    # Drawn after everything above, and only when switched on (they are off by default), so that
+    # runs without them draw exactly the random numbers they drew before these transforms existed.
+    gamma_inverted = blur_sigma = lowres_scale = None
+    if cfg.gamma_invert_p > 0:
+        gamma_inverted = gammas(cfg.gamma_invert_p)
+    in_plane = np.zeros(3, dtype=bool)
+    in_plane[list(axes.zoom)] = True  # every axis for isotropic voxels, the fine ones otherwise
+    if cfg.blur_p > 0:
+        on = drawn(cfg.blur_p)[:, None] & (rng.random((batch, channels)) < CHANNEL_P)
+        sigma = uniform(cfg.blur_sigma, (batch, channels, 3))
+        blur_sigma = np.where(on[..., None] & in_plane, sigma, 0.0)
+    if cfg.lowres_p > 0:
+        on = drawn(cfg.lowres_p)[:, None] & (rng.random((batch, channels)) < CHANNEL_P)
+        scale = uniform(cfg.lowres_scale, (batch, channels))  # one factor for all the axes it touches
+        lowres_scale = np.where(on[..., None] & in_plane, scale[..., None], 1.0)
     return AugmentParams(
         spacing_mm=tuple(float(s) for s in spacing_mm),
         angles_rad=angles + 0.0,  # turn -0.0 into 0.0 so "not drawn" compares equal to identity
@@ -317,6 +344,9 @@ def sample_params(rng: np.random.Generator, batch: int, cfg: AugmentConfig, spac
         contrast=contrast,
         gamma=gamma,
         label_mode=cfg.label_mode,
+        blur_sigma=blur_sigma,
+        lowres_scale=lowres_scale,
+        gamma_inverted=gamma_inverted,
     )
 
 
@@ -641,8 +671,74 @@ def _changed(values: np.ndarray, channels: int) -> list[tuple[int, list[tuple[sl
     return out
 
 
+def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    radius = max(1, math.ceil(_BLUR_TRUNCATE * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def _blur(x: torch.Tensor, sigma: np.ndarray) -> None:
+    """Separable Gaussian blur of one channel (I, J, K) in place; `sigma` per axis in voxels, 0 = none.
+
+    Mirrored ("reflect") borders, as nnU-Net's, so the patch's edge does not darken.
+    """
+    for axis in range(3):
+        if sigma[axis] <= 0:
+            continue
+        k = _gaussian_kernel(float(sigma[axis]), x.dtype, x.device)
+        radius = min(len(k) // 2, x.shape[axis] - 1)
+        if radius < 1:
+            continue
+        k = k[len(k) // 2 - radius: len(k) // 2 + radius + 1]
+        k = k / k.sum()
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = len(k)
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
+        padded = F.pad(x[None, None], pad, mode="reflect")
+        x.copy_(F.conv3d(padded, k.view(shape))[0, 0])
+
+
+def _low_resolution(x: torch.Tensor, scale: np.ndarray) -> None:
+    """Simulate a coarser scan of one channel (I, J, K) in place: nearest down by `scale` (per axis), linear back up."""
+    size = tuple(int(n) for n in x.shape)
+    small = tuple(max(1, round(n * float(f))) for n, f in zip(size, scale))
+    if small == size:
+        return
+    down = F.interpolate(x[None, None], size=small, mode="nearest-exact")
+    x.copy_(F.interpolate(down, size=size, mode="trilinear", align_corners=False)[0, 0])
+
+
+def _gamma(image: torch.Tensor, values: np.ndarray, invert: bool) -> None:
+    """Gamma on the intensities rescaled to [0, 1], mean and standard deviation kept (nnU-Net's).
+
+    With `invert` the image is negated first and back after, so the curve lifts dark structures.
+    """
+    spatial_dims = (1, 2, 3)
+    for n, factors in _changed(values, image.shape[1]):
+        x = image[n]
+        if invert:
+            x.neg_()
+        mean, std = x.mean(spatial_dims, keepdim=True), x.std(spatial_dims, keepdim=True)
+        lo = x.amin(spatial_dims, keepdim=True)
+        span = x.amax(spatial_dims, keepdim=True) - lo + _EPS
+        x.sub_(lo).div_(span)
+        for channels, factor in factors:
+            x[channels].pow_(factor)
+        x.mul_(span).add_(lo)
+        # keep mean and standard deviation, as nnU-Net does
+        new_mean, new_std = x.mean(spatial_dims, keepdim=True), x.std(spatial_dims, keepdim=True)
+        x.sub_(new_mean).mul_(std / (new_std + _EPS)).add_(mean)
+        if invert:
+            x.neg_()
+
+
 def _intensity(image: torch.Tensor, params: AugmentParams) -> None:
-    """Noise, brightness, contrast and gamma (nnU-Net's order), in place on the drawn samples only."""
+    """Noise, blur, brightness, contrast, low resolution, inverted gamma, gamma (nnU-Net's order).
+
+    In place, on the drawn samples and channels only.
+    """
     device = image.device
     noisy = np.flatnonzero(params.noise_std > 0)
     if len(noisy):
@@ -658,6 +754,9 @@ def _intensity(image: torch.Tensor, params: AugmentParams) -> None:
         else:
             idx = torch.as_tensor(noisy, device=device)
             image.index_copy_(0, idx, torch.addcmul(image.index_select(0, idx), noise, std))
+    if params.blur_sigma is not None:
+        for n, c in zip(*np.nonzero((params.blur_sigma > 0).any(-1))):
+            _blur(image[n, c], params.blur_sigma[n, c])
     for n, factors in _changed(params.brightness, image.shape[1]):
         for channels, factor in factors:
             image[n, channels].mul_(factor)
@@ -672,15 +771,9 @@ def _intensity(image: torch.Tensor, params: AugmentParams) -> None:
         x.add_(mean)
         torch.maximum(x, lo, out=x)
         torch.minimum(x, hi, out=x)
-    for n, factors in _changed(params.gamma, image.shape[1]):
-        x = image[n]
-        mean, std = x.mean(spatial_dims, keepdim=True), x.std(spatial_dims, keepdim=True)
-        lo = x.amin(spatial_dims, keepdim=True)
-        span = x.amax(spatial_dims, keepdim=True) - lo + _EPS
-        x.sub_(lo).div_(span)
-        for channels, factor in factors:
-            x[channels].pow_(factor)
-        x.mul_(span).add_(lo)
-        # keep mean and standard deviation, as nnU-Net does
-        new_mean, new_std = x.mean(spatial_dims, keepdim=True), x.std(spatial_dims, keepdim=True)
-        x.sub_(new_mean).mul_(std / (new_std + _EPS)).add_(mean)
+    if params.lowres_scale is not None:
+        for n, c in zip(*np.nonzero((params.lowres_scale < 1).any(-1))):
+            _low_resolution(image[n, c], params.lowres_scale[n, c])
+    if params.gamma_inverted is not None:
+        _gamma(image, params.gamma_inverted, invert=True)
+    _gamma(image, params.gamma, invert=False)
