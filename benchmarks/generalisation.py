@@ -70,7 +70,9 @@ def repeated(arm: str, seeds: list[int], one: Callable[[int, str], dict]) -> dic
     """An arm trained once per training seed: the mean Dice, and each run under "runs".
 
     Why: with a few training cases, which small lesions a model finds changes with the training seed
-    (one case moved a seed's mean by 0.1-0.3), so one run per arm cannot rank two methods.
+    (one case moved a seed's mean by 0.1-0.3), so one run per arm cannot rank two methods. A run
+    that failed counts as Dice 0 in the mean, as a single failed run scores 0; the per-class means
+    are over the runs that scored.
     """
     if len(seeds) == 1:
         return one(seeds[0], "")
@@ -120,7 +122,7 @@ def nnunet_arm(variant: str, train_ds: Path, train_ids: list[str], test_img: Pat
 
 
 def reusable_nnunet_arms(out: Path, args: argparse.Namespace, n_test: int) -> dict[str, dict]:
-    """nnU-Net arms of an earlier run into the same folder, with the same budget and training seed.
+    """nnU-Net arms of an earlier run into the same folder, with the same budget, training seeds and test count.
 
     Why: they do not depend on volseg's code and cost most of the run (nnU-Net's default network
     takes minutes per case to predict on a CPU), so a change to volseg can be measured against

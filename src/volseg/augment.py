@@ -248,7 +248,9 @@ def sample_params(rng: np.random.Generator, batch: int, cfg: AugmentConfig, spac
     """Draw one batch's parameters; each transform is drawn per sample with its own probability.
 
     Every transform always consumes the same amount of randomness, so changing one probability
-    does not change what the others draw. Brightness, contrast and gamma factors are drawn per
+    does not change what the others draw. The exceptions are inverted gamma, blur and low
+    resolution: they are off by default and draw nothing while their probability is 0, so a run
+    without them draws exactly what it drew before they existed. Brightness, contrast and gamma factors are drawn per
     channel (shape (B, C) when `channels` > 1), as nnU-Net does (`synchronize_channels=False`):
     sequences of one scan vary in contrast independently (a lesion faint on T1c but bright on
     FLAIR), and one factor for all channels would teach the network a fixed ratio between them.
@@ -671,8 +673,8 @@ def _changed(values: np.ndarray, channels: int) -> list[tuple[int, list[tuple[sl
     return out
 
 
-def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    radius = max(1, math.ceil(_BLUR_TRUNCATE * sigma))
+def _gaussian_kernel(sigma: float, radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Normalised 1D Gaussian taps at -radius..radius."""
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return (k / k.sum()).to(dtype=dtype, device=device)
@@ -681,23 +683,22 @@ def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> 
 def _blur(x: torch.Tensor, sigma: np.ndarray) -> None:
     """Separable Gaussian blur of one channel (I, J, K) in place; `sigma` per axis in voxels, 0 = none.
 
-    Mirrored ("reflect") borders, as nnU-Net's, so the patch's edge does not darken.
+    Mirrored ("reflect") borders, as nnU-Net's, so the patch's edge does not darken; the kernel's
+    radius (`_BLUR_TRUNCATE` sigmas) is cut to what reflection allows on a thin axis.
     """
     for axis in range(3):
         if sigma[axis] <= 0:
             continue
-        k = _gaussian_kernel(float(sigma[axis]), x.dtype, x.device)
-        radius = min(len(k) // 2, x.shape[axis] - 1)
+        radius = min(max(1, math.ceil(_BLUR_TRUNCATE * float(sigma[axis]))), x.shape[axis] - 1)
         if radius < 1:
             continue
-        k = k[len(k) // 2 - radius: len(k) // 2 + radius + 1]
-        k = k / k.sum()
         shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = len(k)
+        shape[2 + axis] = 2 * radius + 1
         pad = [0] * 6
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
         padded = F.pad(x[None, None], pad, mode="reflect")
-        x.copy_(F.conv3d(padded, k.view(shape))[0, 0])
+        kernel = _gaussian_kernel(float(sigma[axis]), radius, x.dtype, x.device)
+        x.copy_(F.conv3d(padded, kernel.view(shape))[0, 0])
 
 
 def _low_resolution(x: torch.Tensor, scale: np.ndarray) -> None:
