@@ -115,7 +115,7 @@ def train_and_score(dataset: Path, step: Path, test_img: Path, test_lbl: Path, d
         if done is None:
             volseg_cmd(["train", str(dataset), "-o", str(run_dir), "--seed", str(seed), "--quiet",
                         "--max-epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--max-minutes", "600",
-                        "--device", args.device, *args.train_flags], args.quick)  # fmt: skip
+                        "--members", "1", "--device", args.device, *args.train_flags], args.quick)  # fmt: skip
         elif done < args.epochs:  # interrupted: continue where it stopped
             volseg_cmd(["train", str(dataset), "-o", str(run_dir), "--resume", "--quiet", "--device", args.device],
                        args.quick)

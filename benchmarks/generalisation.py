@@ -95,9 +95,12 @@ def volseg_arm(train_ds: Path, test_img: Path, test_lbl: Path, out: Path, minute
                             "--seed", str(seed), *extra])
     predict_s = run(VOLSEG + ["predict", "-m", str(run_dir), "-i", str(test_img), "-o", str(pred)])
     dice = score(pred, test_lbl, train_ds / "dataset.json", out / f"volseg{tag}_metrics.csv")
-    plan = json.loads((run_dir / "plan.json").read_text())
+    # below 10 cases volseg trains several models (member_<i>/, the first one's plan shared), averaged
+    members = sorted(run_dir.glob("member_*"))
+    plan = json.loads(((members[0] if members else run_dir) / "plan.json").read_text())
     model, train = plan["config"]["model"], plan["config"]["train"]
     return {"dice": mean(dice), "dice_per_class": dice, "train_minutes": round(train_s / 60, 2),
+            "members": max(1, len(members)),
             "predict_minutes": round(predict_s / 60, 2), "patch_size": train["patch_size"],
             "base_width": model["base_width"], "depth": model["depth"], "pool_sizes": model["pool_sizes"],
             "target_spacing": plan["config"]["data"]["spacing"], "plan": plan["fingerprint"].get("reasons", [])}

@@ -85,7 +85,8 @@ def main() -> None:
             fraction = json.loads((dataset / "dataset.json").read_text())["sparsify"]["labelled_fraction"]
         t = time.monotonic()
         run(VOLSEG + ["train", str(dataset), "-o", str(arm_dir / "run"), "--seed", str(args.seed), "--quiet",
-                      "--max-epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--max-minutes", "600"])
+                      "--max-epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--max-minutes", "600",
+                      "--members", "1"])
         train_min = (time.monotonic() - t) / 60
         pred = arm_dir / "predictions"
         run(VOLSEG + ["predict", "-m", str(arm_dir / "run"), "-i", str(test_img), "-o", str(pred), "--quiet"])

@@ -103,7 +103,7 @@ def main() -> None:
             if done is None:
                 run(VOLSEG + ["train", str(data), "-o", str(arm_dir / "run"), "--seed", str(seed), "--quiet",
                               "--max-epochs", str(args.epochs), "--iters-per-epoch", str(args.iters),
-                              "--max-minutes", "600", *args.train_flags.split(),
+                              "--max-minutes", "600", "--members", "1", *args.train_flags.split(),
                               *arm_flags(name, args.w0, args.sigma_mm, args.class_balance)])
             elif done < args.epochs:  # interrupted: continue where it stopped
                 run(VOLSEG + ["train", str(data), "-o", str(arm_dir / "run"), "--resume", "--quiet"])

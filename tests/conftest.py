@@ -72,5 +72,6 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) ->
         device="cpu",
         overrides=copy.deepcopy(_TINY_OVERRIDES),
         progress=False,
+        members=1,  # five cases would plan two averaged models; these tests read one model's run folder
     )
     return run_dir, summary

@@ -20,7 +20,7 @@ from volseg.memory import MIN_STEPS
 EVAL_COLUMNS = ["case", "label", "dice", "jaccard", "precision", "recall", "hd", "hd95"]
 TINY_TRAIN_FLAGS = [
     "--max-epochs", "2", "--iters-per-epoch", "5", "--patch-size", "16,16,16",
-    "--batch-size", "2", "--base-width", "4", "--depth", "3", "--quiet", "--device", "cpu",
+    "--batch-size", "2", "--base-width", "4", "--depth", "3", "--quiet", "--device", "cpu", "--members", "1",
 ]  # fmt: skip
 
 
@@ -89,7 +89,7 @@ def test_train_flags_are_kebab_case_copies_of_config_fields():
     fields = {f.name for cls in (DataConfig, ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
     for option in command_options()["train"]:
         name = option[2:].replace("-", "_")
-        if name not in ("output", "device", "resume", "quiet", "help", "plan", "tensorboard"):
+        if name not in ("output", "device", "resume", "quiet", "help", "plan", "tensorboard", "members"):
             assert name in fields, option
 
 
@@ -365,13 +365,16 @@ def test_plan_writes_an_editable_plan_that_train_uses(tiny_dataset, tmp_path, ca
     assert run_cli(["plan", str(tiny_dataset), "-o", str(plan), "--device", "cpu", "--max-minutes", "0.5"]) == 0
     written = json.loads(plan.read_text())
     fp, model = written["fingerprint"], written["config"]["model"]
-    assert fp["budget_minutes"] == 0.5 and written["config"]["train"]["max_minutes"] == 0.5
-    # half a minute holds fewer than MIN_STEPS steps of width 16: width 8 was timed too, and taken
+    # five cases: two models share the half minute, so the plan is fitted to each one's quarter
+    assert fp["budget_minutes"] == 0.25 and written["config"]["train"]["max_minutes"] == 0.5
+    printed = capsys.readouterr().out
+    assert "2 models" in printed
+    # a quarter minute holds fewer than MIN_STEPS steps of width 16: width 8 was timed too, and taken
     # only if its steps reach MIN_STEPS
     timed = fp["step_seconds_by_width"]
     assert set(timed) == {"16", "8"}
-    assert model["base_width"] == (8 if 0.9 * 30 / timed["8"] >= MIN_STEPS else 16)
-    assert f"width {model['base_width']}" in capsys.readouterr().out
+    assert model["base_width"] == (8 if 0.9 * 15 / timed["8"] >= MIN_STEPS else 16)
+    assert f"width {model['base_width']}" in printed
     assert run_cli(["plan", str(tiny_dataset), "-o", str(plan)]) == 2  # no silent overwrite
     # an edited plan is trained as written (no re-planning, no width fitting)
     written["config"]["model"].update(base_width=4, depth=3)
@@ -379,8 +382,10 @@ def test_plan_writes_an_editable_plan_that_train_uses(tiny_dataset, tmp_path, ca
     plan.write_text(json.dumps(written))
     run = tmp_path / "run"
     assert run_cli(["train", str(tiny_dataset), "-o", str(run), "--plan", str(plan), "--device", "cpu", "--quiet"]) == 0
-    used = json.loads((run / "plan.json").read_text())
-    assert used["config"]["model"]["base_width"] == 4 and used["config"]["train"]["patch_size"] == [16, 16, 16]
+    for member in ("member_0", "member_1"):  # both members train the plan, each for half of its budget
+        used = json.loads((run / member / "plan.json").read_text())
+        assert used["config"]["model"]["base_width"] == 4 and used["config"]["train"]["patch_size"] == [16, 16, 16]
+        assert used["config"]["train"]["max_minutes"] == 0.25
 
 
 def test_synth_lesions_kind_writes_a_two_channel_thick_slice_set(tmp_path, capsys):

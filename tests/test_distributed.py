@@ -23,7 +23,7 @@ def test_torchrun_two_cpu_processes(tiny_dataset: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "volseg", "train", str(tiny_dataset),
          "-o", str(run), "--max-epochs", "2", "--iters-per-epoch", "3", "--patch-size", "16,16,16",
-         "--batch-size", "2", "--base-width", "4", "--depth", "3", "--quiet", "--device", "cpu"],
+         "--batch-size", "2", "--base-width", "4", "--depth", "3", "--quiet", "--device", "cpu", "--members", "1"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

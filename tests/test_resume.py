@@ -16,7 +16,7 @@ import volseg
 from volseg.checkpoint import read_model_file
 
 TINY_FLAGS = ["--patch-size", "16,16,16", "--batch-size", "2", "--base-width", "4", "--depth", "3",
-              "--iters-per-epoch", "4", "--quiet", "--device", "cpu"]
+              "--iters-per-epoch", "4", "--quiet", "--device", "cpu", "--members", "1"]
 
 
 def _rows(run: Path) -> list[dict[str, str]]:

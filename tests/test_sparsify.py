@@ -120,7 +120,7 @@ def test_training_on_sparse_labels_reports_dense_dice(tiny_dataset: Path, tmp_pa
 
     sparse = tmp_path / "sparse"
     sparsify_dataset(tiny_dataset, sparse, slices_per_axis=2, progress=False)
-    summary = train(sparse, tmp_path / "run", max_minutes=5, device="cpu", overrides=tiny_overrides, progress=False)
+    summary = train(sparse, tmp_path / "run", max_minutes=5, device="cpu", overrides=tiny_overrides, progress=False, members=1)
     assert summary["epochs"] == 2
     header = (tmp_path / "run" / METRICS_CSV).read_text().splitlines()[0].split(",")
     assert "val_dense_dice" in header and "val_dice" in header

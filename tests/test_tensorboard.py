@@ -15,7 +15,7 @@ def test_train_logs_each_epoch_to_tensorboard(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, [
         "train", str(tiny_dataset), "-o", str(out), "--quiet", "--tensorboard", "--max-epochs", "2",
-        "--iters-per-epoch", "2", "--patch-size", "16,16,16", "--base-width", "4", "--depth", "3"])
+        "--iters-per-epoch", "2", "--patch-size", "16,16,16", "--base-width", "4", "--depth", "3", "--members", "1"])
     assert result.exit_code == 0, result.output
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()

@@ -44,6 +44,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 def short_train(dataset: Path, out: Path, overrides: dict, **kwargs) -> dict:
     kwargs.setdefault("max_minutes", 5)
+    kwargs.setdefault("members", 1)  # one model's run folder (five cases would plan two, tests/test_members.py)
     return train(dataset, out, seed=0, device="cpu", overrides=overrides, progress=False, **kwargs)
 
 

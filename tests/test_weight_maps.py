@@ -113,7 +113,7 @@ def test_train_with_border_weighted_bce(touching, tmp_path):
     result = CliRunner().invoke(app, [
         "train", str(touching), "-o", str(out), "--quiet", "--max-epochs", "1", "--iters-per-epoch", "2",
         "--patch-size", "16,16,16", "--base-width", "4", "--depth", "3", "--loss", "bce", "--border-w0", "10",
-        "--border-sigma-mm", "2", "--class-balance"])
+        "--border-sigma-mm", "2", "--class-balance", "--members", "1"])
     assert result.exit_code == 0, result.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["loss"] == "bce" and cfg["train"]["border_w0"] == 10.0 and cfg["train"]["class_balance"]

@@ -47,6 +47,12 @@ def save_model(path: str | Path, model: torch.nn.Module, cfg: Config, extra: dic
     _atomic_save(dict(model.state_dict()), Path(path), meta)
 
 
+def _members(folder: Path) -> list[Path]:
+    """The member_<i> folders of a run that trained several models, in member order."""
+    found = [p for p in folder.glob("member_*") if p.is_dir() and p.name[len("member_"):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len("member_"):]))
+
+
 def resolve_model_path(path: str | Path) -> Path:
     """A run folder means its best model (else its last); a file means itself."""
     path = Path(path)
@@ -54,10 +60,22 @@ def resolve_model_path(path: str | Path) -> Path:
         for name in (MODEL_BEST, MODEL_LAST):
             if (path / name).is_file():
                 return path / name
+        if _members(path):
+            raise VolsegError(path, "holds several averaged models (member_*), not one",
+                              f"name one of them, e.g. {path / 'member_0'}")
         raise VolsegError(path, "folder holds no model file", f"expected {MODEL_BEST} from `volseg train`")
     if not path.is_file():
         raise VolsegError(path, "model file not found")
     return path
+
+
+def model_paths(path: str | Path) -> list[Path]:
+    """The model files a run folder, member folder or file stands for: a run that trained several
+    models (`volseg train --members`) means all of its members, to be averaged."""
+    path = Path(path)
+    if path.is_dir() and not any((path / n).is_file() for n in (MODEL_BEST, MODEL_LAST)) and _members(path):
+        return [resolve_model_path(m) for m in _members(path)]
+    return [resolve_model_path(path)]
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one line on stderr), 1 a bug (traceback).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -60,6 +61,7 @@ def train(
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="random rotation, scaling, elastic deformation, intensity changes and mirroring of training patches")] = None,
     fold: Annotated[Optional[int], typer.Option(help="cross-validation fold to validate on (0-based)")] = None,
     folds: Annotated[Optional[int], typer.Option(help="number of cross-validation folds (with --fold)")] = None,
+    members: Annotated[Optional[int], typer.Option(help="models trained one after another, each with its share of the budget, its own seed and validation split, averaged by `volseg predict -m OUTPUT` (default: 2 below 10 cases, else 1)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log every epoch to OUTPUT/tensorboard/ for TensorBoard")] = False,
 ) -> None:
@@ -90,9 +92,14 @@ def train(
             log(row)
 
     summary = run_training(dataset, output, max_minutes=max_minutes, seed=seed, device=device,
-                           overrides=overrides, resume=resume, progress=not quiet, on_epoch=plot, plan=plan)
+                           overrides=overrides, resume=resume, progress=not quiet, on_epoch=plot, plan=plan,
+                           members=members)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
+    if summary.get("members", 1) > 1:
+        _echo(f"{summary['members']} models trained ({summary['minutes']:.1f} min; mean best validation Dice "
+              f"{summary['best_val_dice']:.4f}); `volseg predict -m {output}` averages them")
+        return
     _echo(f"best validation Dice {summary['best_val_dice']:.4f} after {summary['epochs']} epochs "
           f"({summary['minutes']:.1f} min, stopped: {summary['stop_reason']}); model in {output}")
 
@@ -109,13 +116,17 @@ def plan_command(
     explaining each choice in one line."""
     from volseg import layout
     from volseg.inference import autocast_dtype, resolve_device
-    from volseg.planning import plan_run
+    from volseg.planning import plan_members, plan_run
 
     if output.exists() and not overwrite:
         raise VolsegError(output, "output already exists", "pass --overwrite to replace it")
     info, cases = layout.read_dataset(dataset)
     dev = resolve_device(device)
-    cfg, fingerprint, reasons = plan_run(info, cases, dev, max_minutes=max_minutes, amp_dtype=autocast_dtype(dev))
+    k, why = plan_members(len(cases))
+    # each of k models trains for its share of the budget, so that share is what the plan fits
+    cfg, fingerprint, reasons = plan_run(info, cases, dev, max_minutes=max_minutes / k, amp_dtype=autocast_dtype(dev))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_minutes=max_minutes))  # the whole budget
+    reasons = [why, *reasons]
     from volseg.report import write_json
 
     write_json(output, {"config": json.loads(cfg.to_json()), "fingerprint": fingerprint})

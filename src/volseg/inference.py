@@ -648,9 +648,10 @@ def load_ensemble(
     model_paths: str | Path | Sequence[str | Path], device: torch.device
 ) -> tuple[list[torch.nn.Module], list[Config]]:
     """Load one or several models; an ensemble must agree on channels, labels and file ending."""
-    from volseg.checkpoint import load_model
+    from volseg.checkpoint import load_model, model_paths as expand
 
-    paths = [model_paths] if isinstance(model_paths, (str, Path)) else list(model_paths)
+    given = [model_paths] if isinstance(model_paths, (str, Path)) else list(model_paths)
+    paths = [p for g in given for p in expand(g)]  # a run of several members stands for each of them
     if not paths:
         raise VolsegError(None, "no model given", "pass -m RUN_OR_MODEL (repeat -m for an ensemble)")
     models, cfgs = [], []

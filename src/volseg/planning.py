@@ -403,6 +403,33 @@ def make_device_plan(data: DataConfig, cases: Sequence[layout.Case], device: tor
 # in 183 steps of its 12x192x192 patch; volseg's planned 144x144x24 patch in 263 steps scored
 # 0.80, and 0.66 once shrunk to 64x64x12 (with width 8) for 7,600 steps (one run each; two later
 # runs of the planned patch gave 0.68 and 0.67, nnU-Net reduced 0.69 in its second run).
+# Few cases: below FEW_CASES training cases one model's held-out Dice depends on its seed and
+# validation split more than on anything planned (synthetic thick-slice lesions, 6 cases, 10 min:
+# 0.653 to 0.815 over three seeds), so the budget is shared by ENSEMBLE_MEMBERS models, each with
+# its own seed and split, whose probabilities `volseg predict` averages (nnU-Net's answer to few
+# cases is the same: an ensemble of its cross-validation folds).
+FEW_CASES = 10
+ENSEMBLE_MEMBERS = 2
+
+
+def plan_members(n_cases: int, requested: int | None = None) -> tuple[int, str]:
+    """How many models share the training budget, and the one-line reason.
+
+    >>> plan_members(6)[0], plan_members(166)[0], plan_members(6, requested=1)[0]
+    (2, 1, 1)
+    """
+    if requested is not None:
+        if requested < 1:
+            raise VolsegError(None, f"--members must be at least 1, got {requested}")
+        return requested, f"{requested} model(s) set on the command line"
+    if n_cases < FEW_CASES:
+        return ENSEMBLE_MEMBERS, (
+            f"{ENSEMBLE_MEMBERS} models, each with 1/{ENSEMBLE_MEMBERS} of the budget, its own seed and validation "
+            f"split, averaged at prediction: with {n_cases} cases (fewer than {FEW_CASES}) one model's result "
+            "depends on its seed and split")
+    return 1, f"one model: {n_cases} cases are enough for one run's split to be representative"
+
+
 MIN_PATCH_STEPS = 200
 
 

@@ -27,7 +27,7 @@ from volseg.atomic import write_text_atomic
 from volseg.layout import Case, DatasetInfo, read_dataset
 from volseg.volumes import read_label
 from volseg.checkpoint import MODEL_BEST, MODEL_LAST, TRAIN_STATE, load_train_state, read_model_file, save_model, save_train_state
-from volseg.config import Config, DataConfig
+from volseg.config import Config, DataConfig, TrainConfig
 from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
 from volseg.distributed import Dist
 from volseg.errors import VolsegError
@@ -42,17 +42,18 @@ from volseg.inference import (
 from volseg.losses import SIGMOID_LOSSES, LossFn, get_loss
 from volseg.model import UNet3d
 from volseg.memory import batch_loss
-from volseg.planning import apply_overrides, data_config_from_dataset, plan_run
+from volseg.planning import FEW_CASES, apply_overrides, data_config_from_dataset, plan_members, plan_run
 from volseg.preprocessing import encode_labels
 
 METRICS_CSV = "metrics.csv"
 PLAN_JSON = "plan.json"
 CONFIG_JSON = "config.json"
 SPLIT_JSON = "split.json"
+MEMBERS_JSON = "members.json"  # a run folder of several averaged models: its members and budget
+MEMBER_DIR = "member_{}"
 EpochCallback = Callable[[Path, dict[str, Any]], None]
-# Few cases: below FEW_CASES the log says how little the validation figure rests on; from
+# Few cases: below FEW_CASES (planning) the log says how little the validation figure rests on; from
 # MIN_CASES_FOR_TWO_VAL cases on, at least MIN_VAL_CASES validate (the rest, four or more, train).
-FEW_CASES = 10
 MIN_VAL_CASES = 2
 MIN_CASES_FOR_TWO_VAL = 6
 # Below FEW_CASES the best model is chosen on the validation Dice smoothed over epochs (the newest
@@ -308,22 +309,91 @@ def train(
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
     plan: str | Path | None = None,
+    members: int | None = None,
 ) -> dict[str, Any]:
     """Train a U-Net on an nnU-Net-layout dataset; returns a summary (best Dice, epochs, minutes).
 
-    `overrides` maps config sections to field values, e.g. {"train": {"batch_size": 4}}.
+    `overrides` maps config sections to field values, e.g. {"train": {"batch_size": 4}}. `members`
+    models share the budget and are averaged at prediction (default: `planning.plan_members`).
     """
     t0 = time.monotonic()
+    out = Path(out_dir)
     dist = Dist()
     dev = dist.start(resolve_device(device))
     if dev.type == "cpu":
         tune_allocator()
     try:
-        run = set_up(dataset, Path(out_dir), dist, dev, t0, max_minutes=max_minutes, seed=seed, overrides=overrides,
+        if resume:  # a resumed run keeps its shape: several members only if it started with them
+            k = int(json.loads((out / MEMBERS_JSON).read_text())["members"]) if (out / MEMBERS_JSON).exists() else 1
+        elif (overrides or {}).get("train", {}).get("fold") is not None and members is None:
+            k = 1  # one cross-validation fold asked for: that one model
+        else:
+            k, why = plan_members(len(_read_labelled_cases(dataset)[1]), members)
+            if progress and dist.main and k > 1:
+                from tqdm import tqdm
+
+                tqdm.write(f"plan: {why}")
+        if k > 1:
+            return _train_members(dataset, out, dist, dev, t0, k, max_minutes=max_minutes, seed=seed,
+                                  overrides=overrides, resume=resume, progress=progress and dist.main,
+                                  on_epoch=on_epoch, plan=plan)
+        run = set_up(dataset, out, dist, dev, t0, max_minutes=max_minutes, seed=seed, overrides=overrides,
                      resume=resume, progress=progress and dist.main, plan=plan)
         return train_loop(run, on_epoch)
     finally:
         dist.stop()
+
+
+def _train_members(
+    dataset: str | Path, out: Path, dist: Dist, dev: torch.device, t0: float, k: int, *,
+    max_minutes: float | None, seed: int | None, overrides: dict[str, dict[str, Any]] | None, resume: bool,
+    progress: bool, on_epoch: EpochCallback | None, plan: str | Path | None,
+) -> dict[str, Any]:
+    """`k` runs one after another in OUTPUT/member_<i>, each with 1/k of the budget, seed + i (so its own
+    validation split) and one shared preprocessing cache; members after the first reuse the first's
+    plan. members.json records which have finished, so `--resume` skips those and resumes the one
+    that was cut short. `volseg predict -m OUTPUT` averages the members' probabilities."""
+    state_path = out / MEMBERS_JSON
+    if resume:
+        state = json.loads(state_path.read_text())
+    else:
+        if state_path.exists() or (out / MODEL_LAST).exists():
+            raise VolsegError(out, "already holds a trained model", "use --resume to continue it or choose another -o folder")
+        if max_minutes is None:
+            max_minutes = _read_plan(Path(plan)).train.max_minutes if plan is not None else TrainConfig().max_minutes
+        base_seed = TrainConfig().seed if seed is None else seed
+        state = {"members": k, "minutes": float(max_minutes), "seed": base_seed, "finished": []}
+        out.mkdir(parents=True, exist_ok=True)
+        if dist.main:
+            write_text_atomic(state_path, json.dumps(state, indent=2))
+    share = state["minutes"] / state["members"]
+    summaries: list[dict[str, Any]] = []
+    for i in range(state["members"]):
+        sub = out / MEMBER_DIR.format(i)
+        if i in state["finished"]:
+            continue
+        started = (sub / TRAIN_STATE).exists()
+        if progress:
+            from tqdm import tqdm
+
+            tqdm.write(f"member {i + 1} of {state['members']}: seed {state['seed'] + i}, {share:g} min"
+                       + (" (resumed)" if started else ""))
+        member_plan = plan if i == 0 else sub.parent / MEMBER_DIR.format(0) / PLAN_JSON
+        run = set_up(dataset, sub, dist, dev, t0 if i == 0 else time.monotonic(), max_minutes=share,
+                     seed=state["seed"] + i, overrides=overrides, resume=resume and started, progress=progress,
+                     plan=member_plan, cache=out / "preprocessed")
+        summaries.append(train_loop(run, on_epoch))
+        state["finished"].append(i)
+        if dist.main:
+            write_text_atomic(state_path, json.dumps(state, indent=2))
+    return {
+        "best_val_dice": float(np.mean([s["best_val_dice"] for s in summaries])) if summaries else float("nan"),
+        "epochs": sum(s["epochs"] for s in summaries),
+        "minutes": (time.monotonic() - t0) / 60,
+        "stop_reason": summaries[-1]["stop_reason"] if summaries else "finished before",
+        "run_dir": str(out),
+        "members": state["members"],
+    }
 
 
 def train_loop(run: Run, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
@@ -430,6 +500,7 @@ def set_up(
     resume: bool,
     progress: bool,
     plan: str | Path | None,
+    cache: Path | None = None,
 ) -> Run:
     """Everything before the first epoch: checks, plan, preprocessing cache, split, network, resume.
 
@@ -443,7 +514,7 @@ def set_up(
         cfg = _resume_overrides(saved, overrides or {}, max_minutes)
     else:
         cfg = _new_plan(info, cases, dataset, out, dist, dev, progress, plan, overrides, seed, max_minutes)
-    prepared = _preprocess(cases, cfg, out, dist, progress)
+    prepared = _preprocess(cases, cfg, cache or out / "preprocessed", dist, progress)
     tc = cfg.train
     output_window(cfg, tc.patch_size)  # refuse a patch the network cannot take before any work
     if dist.main:
@@ -479,7 +550,7 @@ def _open_run_folder(out: Path, resume: bool, dist: Dist) -> None:
     """Refuse to overwrite a trained model or to resume from nothing; clear a killed run's temporaries."""
     if resume and not (out / TRAIN_STATE).exists():
         raise VolsegError(out, "nothing to resume: no training state in this folder", "drop --resume to start anew")
-    if not resume and (out / MODEL_LAST).exists():
+    if not resume and ((out / MODEL_LAST).exists() or (out / MEMBERS_JSON).exists()):
         raise VolsegError(out, "already holds a trained model", "use --resume to continue it or choose another -o folder")
     out.mkdir(parents=True, exist_ok=True)
     if dist.main:
@@ -512,7 +583,7 @@ def _new_plan(
     return cfg
 
 
-def _preprocess(cases: list[Case], cfg: Config, out: Path, dist: Dist, progress: bool) -> dict[str, CaseData]:
+def _preprocess(cases: list[Case], cfg: Config, cache: Path, dist: Dist, progress: bool) -> dict[str, CaseData]:
     """Every case resampled and normalised once, into the run's cache (rank 0 writes, the others read)."""
     iterator: Iterable[Case] = cases
     if progress:
@@ -521,7 +592,7 @@ def _preprocess(cases: list[Case], cfg: Config, out: Path, dist: Dist, progress:
         iterator = tqdm(cases, desc="preprocess", unit="case", leave=False, disable=None)
     if not dist.main:
         dist.barrier()  # rank 0 fills the cache first; the others then only read it
-    prepared = {c.case_id: preprocess_case(c, cfg.data, out / "preprocessed", cfg.train.weight_map_spec) for c in iterator}
+    prepared = {c.case_id: preprocess_case(c, cfg.data, cache, cfg.train.weight_map_spec) for c in iterator}
     if dist.main:
         dist.barrier()
     return prepared
