@@ -191,6 +191,13 @@ def test_report_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert "has no config.json" in one_error_line(capsys.readouterr().err)
 
 
+def test_report_of_a_folder_of_several_models_names_a_member(tmp_path, capsys):
+    (tmp_path / "member_0").mkdir()
+    assert run_cli(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "several averaged models" in line and "member_0" in line
+
+
 # ------------------------------------------------------------------------------------------------
 # show
 
