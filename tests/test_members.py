@@ -86,12 +86,13 @@ def test_resume_skips_finished_members_and_trains_the_rest(tiny_dataset: Path, t
     first = (run / "member_0" / MODEL_LAST).stat().st_mtime_ns
     for name in (run / "member_1").iterdir():
         name.unlink()
-    summary = train(tiny_dataset, run, device="cpu", resume=True, progress=False)
+    summary = train(tiny_dataset, run, device="cpu", resume=True, progress=False, max_minutes=6)
     assert summary["members"] == 2
     assert (run / "member_0" / MODEL_LAST).stat().st_mtime_ns == first  # untouched
     assert (run / "member_1" / MODEL_LAST).is_file() and (run / "member_1" / TRAIN_STATE).is_file()
     assert json.loads((run / MEMBERS_JSON).read_text())["finished"] == [0, 1]
-    assert read_model_file(run / "member_1")[1].train.seed == 4
+    resumed = read_model_file(run / "member_1")[1].train
+    assert resumed.seed == 4 and resumed.max_minutes == 3.0  # the new budget, shared
 
 
 def test_an_explicit_fold_trains_one_model(tiny_dataset: Path, tiny_overrides: dict, tmp_path: Path) -> None:

@@ -356,6 +356,8 @@ def _train_members(
     state_path = out / MEMBERS_JSON
     if resume:
         state = json.loads(state_path.read_text())
+        if max_minutes is not None:  # as for one model, a resumed run may be given a new budget
+            state["minutes"] = float(max_minutes)
     else:
         if state_path.exists() or (out / MODEL_LAST).exists():
             raise VolsegError(out, "already holds a trained model", "use --resume to continue it or choose another -o folder")
