@@ -21,6 +21,7 @@ from volseg.errors import VolsegError
 from volseg.model import UNet3d
 
 MODEL_BEST = "model_best.safetensors"
+MEMBER_PREFIX = "member_"  # member_<i>/: one of several models a run trained (`volseg train --members`)
 MODEL_LAST = "model_last.safetensors"
 TRAIN_STATE = "train_state.safetensors"
 _CONFIG_KEY = "volseg_config"
@@ -47,20 +48,30 @@ def save_model(path: str | Path, model: torch.nn.Module, cfg: Config, extra: dic
     _atomic_save(dict(model.state_dict()), Path(path), meta)
 
 
-def _members(folder: Path) -> list[Path]:
-    """The member_<i> folders of a run that trained several models, in member order."""
-    found = [p for p in folder.glob("member_*") if p.is_dir() and p.name[len("member_"):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len("member_"):]))
+def member_folder(run: Path, i: int) -> Path:
+    """Where member `i` of a run that trains several models (`volseg train --members`) lives."""
+    return run / f"{MEMBER_PREFIX}{i}"
+
+
+def member_folders(run: Path) -> list[Path]:
+    """The member folders of such a run, in member order (member_10 after member_9)."""
+    found = [p for p in run.glob(f"{MEMBER_PREFIX}*") if p.is_dir() and p.name[len(MEMBER_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(MEMBER_PREFIX):]))
+
+
+def _own_model(folder: Path) -> Path | None:
+    """A run folder's own model file: its best, else its last; None when it holds neither."""
+    return next((folder / n for n in (MODEL_BEST, MODEL_LAST) if (folder / n).is_file()), None)
 
 
 def resolve_model_path(path: str | Path) -> Path:
     """A run folder means its best model (else its last); a file means itself."""
     path = Path(path)
     if path.is_dir():
-        for name in (MODEL_BEST, MODEL_LAST):
-            if (path / name).is_file():
-                return path / name
-        if _members(path):
+        own = _own_model(path)
+        if own is not None:
+            return own
+        if member_folders(path):
             raise VolsegError(path, "holds several averaged models (member_*), not one",
                               f"name one of them, e.g. {path / 'member_0'}")
         raise VolsegError(path, "folder holds no model file", f"expected {MODEL_BEST} from `volseg train`")
@@ -73,8 +84,8 @@ def model_paths(path: str | Path) -> list[Path]:
     """The model files a run folder, member folder or file stands for: a run that trained several
     models (`volseg train --members`) means all of its members, to be averaged."""
     path = Path(path)
-    if path.is_dir() and not any((path / n).is_file() for n in (MODEL_BEST, MODEL_LAST)) and _members(path):
-        return [resolve_model_path(m) for m in _members(path)]
+    if path.is_dir() and _own_model(path) is None and (members := member_folders(path)):
+        return [resolve_model_path(m) for m in members]
     return [resolve_model_path(path)]
 
 

@@ -57,10 +57,13 @@ def _read_run(run_dir: Path) -> tuple[Config, dict[str, Any], list[dict[str, str
     if not run_dir.is_dir():
         raise VolsegError(run_dir, "is not a run folder", "give the -o folder of `volseg train`")
     config_path = run_dir / "config.json"
-    if not config_path.is_file() and (run_dir / "member_0").is_dir():
-        raise VolsegError(run_dir, "holds several averaged models (member_*), each a run of its own",
-                          f"report on one of them, e.g. {run_dir / 'member_0'}")
     if not config_path.is_file():
+        from volseg.checkpoint import member_folders
+
+        members = member_folders(run_dir)
+        if members:
+            raise VolsegError(run_dir, "holds several averaged models (member_*), each a run of its own",
+                              f"report on one of them, e.g. {members[0]}")
         raise VolsegError(run_dir, "has no config.json", "give the -o folder of `volseg train`")
     try:
         cfg = Config.from_json(config_path.read_text(encoding="utf-8"), source=str(config_path))

@@ -26,7 +26,16 @@ import torch
 from volseg.atomic import write_text_atomic
 from volseg.layout import Case, DatasetInfo, read_dataset
 from volseg.volumes import read_label
-from volseg.checkpoint import MODEL_BEST, MODEL_LAST, TRAIN_STATE, load_train_state, read_model_file, save_model, save_train_state
+from volseg.checkpoint import (
+    MODEL_BEST,
+    MODEL_LAST,
+    TRAIN_STATE,
+    load_train_state,
+    member_folder,
+    read_model_file,
+    save_model,
+    save_train_state,
+)
 from volseg.config import Config, DataConfig, TrainConfig
 from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
 from volseg.distributed import Dist
@@ -50,7 +59,6 @@ PLAN_JSON = "plan.json"
 CONFIG_JSON = "config.json"
 SPLIT_JSON = "split.json"
 MEMBERS_JSON = "members.json"  # a run folder of several averaged models: its members and budget
-MEMBER_DIR = "member_{}"
 EpochCallback = Callable[[Path, dict[str, Any]], None]
 # Few cases: below FEW_CASES (planning) the log says how little the validation figure rests on; from
 # MIN_CASES_FOR_TWO_VAL cases on, at least MIN_VAL_CASES validate (the rest, four or more, train).
@@ -323,21 +331,22 @@ def train(
     if dev.type == "cpu":
         tune_allocator()
     try:
+        labelled = _read_labelled_cases(dataset)  # the first refusal; read once for every member
         if resume:  # a resumed run keeps its shape: several members only if it started with them
             k = int(json.loads((out / MEMBERS_JSON).read_text())["members"]) if (out / MEMBERS_JSON).exists() else 1
         elif (overrides or {}).get("train", {}).get("fold") is not None and members is None:
             k = 1  # one cross-validation fold asked for: that one model
         else:
-            k, why = plan_members(len(_read_labelled_cases(dataset)[1]), members)
+            k, why = plan_members(len(labelled[1]), members)
             if progress and dist.main and k > 1:
                 from tqdm import tqdm
 
                 tqdm.write(f"plan: {why}")
         if k > 1:
-            return _train_members(dataset, out, dist, dev, t0, k, max_minutes=max_minutes, seed=seed,
+            return _train_members(dataset, labelled, out, dist, dev, t0, k, max_minutes=max_minutes, seed=seed,
                                   overrides=overrides, resume=resume, progress=progress and dist.main,
                                   on_epoch=on_epoch, plan=plan)
-        run = set_up(dataset, out, dist, dev, t0, max_minutes=max_minutes, seed=seed, overrides=overrides,
+        run = set_up(dataset, labelled, out, dist, dev, t0, max_minutes=max_minutes, seed=seed, overrides=overrides,
                      resume=resume, progress=progress and dist.main, plan=plan)
         return train_loop(run, on_epoch)
     finally:
@@ -345,7 +354,7 @@ def train(
 
 
 def _train_members(
-    dataset: str | Path, out: Path, dist: Dist, dev: torch.device, t0: float, k: int, *,
+    dataset: str | Path, labelled: tuple[DatasetInfo, list[Case]], out: Path, dist: Dist, dev: torch.device, t0: float, k: int, *,
     max_minutes: float | None, seed: int | None, overrides: dict[str, dict[str, Any]] | None, resume: bool,
     progress: bool, on_epoch: EpochCallback | None, plan: str | Path | None,
 ) -> dict[str, Any]:
@@ -359,19 +368,17 @@ def _train_members(
         if max_minutes is not None:  # as for one model, a resumed run may be given a new budget
             state["minutes"] = float(max_minutes)
     else:
-        if state_path.exists() or (out / MODEL_LAST).exists():
-            raise VolsegError(out, "already holds a trained model", "use --resume to continue it or choose another -o folder")
+        _open_run_folder(out, resume=False, dist=dist)  # refuses a folder that holds a model or members
         if max_minutes is None:
             max_minutes = _read_plan(Path(plan)).train.max_minutes if plan is not None else TrainConfig().max_minutes
         base_seed = TrainConfig().seed if seed is None else seed
         state = {"members": k, "minutes": float(max_minutes), "seed": base_seed, "finished": []}
-        out.mkdir(parents=True, exist_ok=True)
         if dist.main:
             write_text_atomic(state_path, json.dumps(state, indent=2))
     share = state["minutes"] / state["members"]
     summaries: list[dict[str, Any]] = []
     for i in range(state["members"]):
-        sub = out / MEMBER_DIR.format(i)
+        sub = member_folder(out, i)
         if i in state["finished"]:
             continue
         started = (sub / TRAIN_STATE).exists()
@@ -380,8 +387,8 @@ def _train_members(
 
             tqdm.write(f"member {i + 1} of {state['members']}: seed {state['seed'] + i}, {share:g} min"
                        + (" (resumed)" if started else ""))
-        member_plan = plan if i == 0 else sub.parent / MEMBER_DIR.format(0) / PLAN_JSON
-        run = set_up(dataset, sub, dist, dev, t0 if i == 0 else time.monotonic(), max_minutes=share,
+        member_plan = plan if i == 0 else member_folder(out, 0) / PLAN_JSON
+        run = set_up(dataset, labelled, sub, dist, dev, t0 if i == 0 else time.monotonic(), max_minutes=share,
                      seed=state["seed"] + i, overrides=overrides, resume=resume and started, progress=progress,
                      plan=member_plan, cache=out / "preprocessed")
         summaries.append(train_loop(run, on_epoch))
@@ -491,6 +498,7 @@ class Run:
 
 def set_up(
     dataset: str | Path,
+    labelled: tuple[DatasetInfo, list[Case]],
     out: Path,
     dist: Dist,
     dev: torch.device,
@@ -506,10 +514,11 @@ def set_up(
 ) -> Run:
     """Everything before the first epoch: checks, plan, preprocessing cache, split, network, resume.
 
-    Refusals come before any work: unlabelled cases, a folder that holds a model (or nothing to
-    resume), a plan that does not fit the dataset, a patch the network cannot take.
+    `labelled` is `_read_labelled_cases(dataset)`, read once by `train`. Refusals come before any
+    work: a folder that holds a model (or nothing to resume), a plan that does not fit the dataset,
+    a patch the network cannot take.
     """
-    info, cases = _read_labelled_cases(dataset)
+    info, cases = labelled
     _open_run_folder(out, resume, dist)
     if resume:
         _, saved, _ = read_model_file(out / MODEL_LAST)
