@@ -96,7 +96,9 @@ def volseg_arm(train_ds: Path, test_img: Path, test_lbl: Path, out: Path, minute
     predict_s = run(VOLSEG + ["predict", "-m", str(run_dir), "-i", str(test_img), "-o", str(pred)])
     dice = score(pred, test_lbl, train_ds / "dataset.json", out / f"volseg{tag}_metrics.csv")
     # below 10 cases volseg trains several models (member_<i>/, the first one's plan shared), averaged
-    members = sorted(run_dir.glob("member_*"))
+    from volseg.checkpoint import member_folders
+
+    members = member_folders(run_dir)
     plan = json.loads(((members[0] if members else run_dir) / "plan.json").read_text())
     model, train = plan["config"]["model"], plan["config"]["train"]
     return {"dice": mean(dice), "dice_per_class": dice, "train_minutes": round(train_s / 60, 2),
