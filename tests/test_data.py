@@ -186,6 +186,55 @@ def test_sample_patch_without_force_fg_mostly_misses_a_small_object():
     assert sum(hits) < 20  # the forced case above is not an accident of a big object
 
 
+def big_and_small_object_case() -> CaseData:
+    """One class, two objects: a 512-voxel cube and a 1-voxel speck far from it."""
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[2:10, 2:10, 2:10] = 1
+    label[35, 35, 35] = 1
+    return memory_case(label)
+
+
+def _centres_on_the_small_object(case: CaseData, seeds: range) -> int:
+    """Forced patches of 4 voxels whose label holds the speck (they cannot also hold the cube)."""
+    hits = 0
+    for s in seeds:
+        _, y, _ = sample_patch(case, (4, 4, 4), np.random.default_rng(s), force_fg=True, mirror=False)
+        hits += int(y.sum() == 1 and not (y[0] == 1).all())
+    return hits
+
+
+def test_object_sampling_centres_small_objects_as_often_as_large_ones():
+    case = big_and_small_object_case()
+    grouped = vdata.with_objects(case)
+    assert [len(g) for g in grouped.fg_objects[1]] == [512, 1]
+    assert np.array_equal(np.sort(np.concatenate(grouped.fg_objects[1])), np.arange(513))
+    voxel_hits = _centres_on_the_small_object(case, range(200))
+    object_hits = _centres_on_the_small_object(grouped, range(200))
+    assert voxel_hits < 5  # 1 voxel in 513
+    assert 70 < object_hits < 130  # one object in two
+
+
+def test_object_sampling_draws_as_voxel_sampling_when_a_class_is_one_object():
+    """Data whose classes are single objects (the hippocampus) trains exactly as before."""
+    label = np.zeros((30, 27, 21), np.uint8)
+    label[3:12, 4:10, 5:9] = 1
+    label[15:25, 10:20, 5:15] = 2
+    case = memory_case(label)
+    grouped = vdata.with_objects(case)
+    for seed in range(5):
+        a = sample_batch([case], (8, 8, 8), 3, np.random.default_rng(seed), fg_fraction=1.0, mirror=True)
+        b = sample_batch([grouped], (8, 8, 8), 3, np.random.default_rng(seed), fg_fraction=1.0, mirror=True)
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_foreground_sampling_must_be_a_known_method():
+    from volseg.config import TrainConfig
+
+    assert TrainConfig(foreground_sampling="object").foreground_sampling == "object"
+    with pytest.raises(VolsegError, match="foreground_sampling must be one of voxel, object"):
+        TrainConfig(foreground_sampling="lesion")
+
+
 def test_sample_patch_cuts_the_image_and_label_at_the_same_place():
     label = np.random.default_rng(0).integers(0, 3, size=(13, 11, 9)).astype(np.uint8)
     image = label[None].astype(np.float32) * 10 + 0.5  # image encodes the label

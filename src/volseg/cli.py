@@ -52,6 +52,7 @@ def train(
     border_w0: Annotated[Optional[float], typer.Option(help="U-Net border weight w0 between touching objects (0 = off)")] = None,
     border_sigma_mm: Annotated[Optional[float], typer.Option(help="width sigma of the border weight, in mm")] = None,
     class_balance: Annotated[Optional[bool], typer.Option("--class-balance/--no-class-balance", help="weight voxels by inverse class frequency")] = None,
+    foreground_sampling: Annotated[Optional[str], typer.Option(help="voxel (any foreground voxel of the drawn class) or object (each connected object as often, so small lesions beside large ones are seen as often)")] = None,
     base_width: Annotated[Optional[int], typer.Option(help="feature channels at full resolution")] = None,
     depth: Annotated[Optional[int], typer.Option(help="resolution levels of the U-Net")] = None,
     norm: Annotated[Optional[str], typer.Option(help="instance, batch or none")] = None,
@@ -75,7 +76,7 @@ def train(
             "batch_size": batch_size, "max_epochs": max_epochs, "iters_per_epoch": iters_per_epoch,
             "patience": patience, "lr": lr, "loss": loss, "fold": fold, "folds": folds,
             "augment": augment, "border_w0": border_w0, "border_sigma_mm": border_sigma_mm,
-            "class_balance": class_balance,
+            "class_balance": class_balance, "foreground_sampling": foreground_sampling,
         },
         "model": {"base_width": base_width, "depth": depth, "norm": norm, "deep_supervision": deep_supervision},
         # one method for every channel replaces the planned per-channel choice

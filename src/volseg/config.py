@@ -80,6 +80,9 @@ class ModelConfig:
                                         f"{self.depth}, got {value}")
 
 
+FOREGROUND_SAMPLING = ("voxel", "object")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation schedule; poly decay runs on whichever is further along: epochs or minutes."""
@@ -102,6 +105,11 @@ class TrainConfig:
     border_w0: float = 0.0
     border_sigma_mm: float = 5.0
     foreground_fraction: float = 0.33
+    # Which foreground voxel a forced-foreground patch is centred on, once its class is drawn:
+    # "voxel" = any voxel of the class (large objects dominate), "object" = first one of the
+    # class's connected objects in the case, each as often, then a voxel of it (small lesions
+    # beside large ones are seen as often as the large ones).
+    foreground_sampling: str = "voxel"
     augment: bool = True  # the `augment` section's transforms; False: patches as cut, no mirroring
     val_fraction: float = 0.2
     fold: int | None = None  # cross-validation: validate on fold `fold` of `folds` (None: val_fraction split)
@@ -114,6 +122,9 @@ class TrainConfig:
         if not self.border_w0 >= 0 or not self.border_sigma_mm > 0:
             raise VolsegError(None, f"border_w0 must be >= 0 and border_sigma_mm > 0, got {self.border_w0} and "
                                     f"{self.border_sigma_mm}")
+        if self.foreground_sampling not in FOREGROUND_SAMPLING:
+            raise VolsegError(None, f"foreground_sampling must be one of {', '.join(FOREGROUND_SAMPLING)}, "
+                                    f"got {self.foreground_sampling!r}")
 
     @property
     def weight_map_spec(self) -> dict[str, Any] | None:

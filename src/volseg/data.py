@@ -6,6 +6,7 @@ and a resumed run skips preprocessing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import threading
@@ -13,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cc3d
 import numpy as np
 import torch
 
@@ -42,6 +44,27 @@ class CaseData:
     spacing: tuple[float, float, float]
     labelled_voxels: np.ndarray | None = None  # (N, 3) sample of labelled positions; None = all labelled
     loss_weight: np.ndarray | None = None  # (I, J, K) float32 precomputed weight map (volseg.weights); None = `weight`
+    # class index -> one array per connected object of indices into fg_voxels[class]; None = not grouped
+    fg_objects: dict[int, list[np.ndarray]] | None = None
+
+
+def with_objects(case: CaseData) -> CaseData:
+    """The case with its foreground positions grouped into connected objects (26-connected, per class).
+
+    Why: voxel-uniform foreground sampling centres patches on a 10 cm³ lesion twenty times as often
+    as on a 0.5 cm³ one in the same scan; `foreground_sampling="object"` draws the objects evenly.
+    """
+    objects: dict[int, list[np.ndarray]] = {}
+    for c, pos in case.fg_voxels.items():
+        if not len(pos):
+            objects[c] = []
+            continue
+        ids = cc3d.connected_components(np.asarray(case.label) == c, connectivity=26, binary_image=True)
+        at = ids[pos[:, 0], pos[:, 1], pos[:, 2]]
+        order = np.argsort(at, kind="stable")
+        _, first = np.unique(at[order], return_index=True)
+        objects[c] = np.split(order, first[1:])
+    return dataclasses.replace(case, fg_objects=objects)
 
 
 def _cache_key(data: DataConfig) -> str:
@@ -168,6 +191,9 @@ def sample_patch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One (image, class-index, weight) patch; `force_fg` centres it on a random labelled object voxel.
 
+    The class is drawn first, each as often; with `case.fg_objects` (`with_objects`) and more than
+    one object of that class, an object next, each as often; then a voxel of it.
+
     With sparse labels, patches not forced onto foreground are centred on a random labelled voxel,
     so no patch is wasted on a region without annotation. Padding outside the volume gets weight 0:
     the network is not taught what lies beyond the scan. With `region` (larger than `patch`), the
@@ -176,8 +202,14 @@ def sample_patch(
     center, inner = None, 0.0
     classes = [c for c, pos in case.fg_voxels.items() if len(pos)]
     if force_fg and classes:
-        pos = case.fg_voxels[classes[rng.integers(len(classes))]]  # each class as often, however small
-        center = pos[rng.integers(len(pos))]
+        c = classes[rng.integers(len(classes))]  # each class as often, however small
+        pos = case.fg_voxels[c]
+        groups = case.fg_objects.get(c, []) if case.fg_objects is not None else []
+        if len(groups) > 1:  # one object: no extra draw, so the stream equals voxel sampling's
+            members = groups[rng.integers(len(groups))]
+            center = pos[members[rng.integers(len(members))]]
+        else:
+            center = pos[rng.integers(len(pos))]
         inner = FG_INNER  # in the central half: an augmented (rotated, zoomed) patch still holds the object
     elif case.labelled_voxels is not None and len(case.labelled_voxels):
         center = case.labelled_voxels[rng.integers(len(case.labelled_voxels))]

@@ -37,7 +37,7 @@ from volseg.checkpoint import (
     save_train_state,
 )
 from volseg.config import Config, DataConfig, TrainConfig
-from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case
+from volseg.data import BatchStream, CaseData, finish_augment, preprocess_case, with_objects
 from volseg.distributed import Dist
 from volseg.errors import VolsegError
 from volseg.inference import (
@@ -625,6 +625,8 @@ def _split(
     train_cases = [c for c in (prepared[i] for i in train_ids) if c.labelled_voxels is None or len(c.labelled_voxels)]
     if not train_cases:
         raise VolsegError(dataset, "no training case has any labelled voxel")
+    if tc.foreground_sampling == "object":
+        train_cases = [with_objects(c) for c in train_cases]
     return train_cases, [prepared[i] for i in val_ids]
 
 
