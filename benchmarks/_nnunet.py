@@ -3,7 +3,8 @@
 Why: `generalisation.py` compares volseg with nnU-Net at equal training time. nnU-Net's own
 command line trains 1000 epochs of 250 steps; here its trainer is driven step by step instead
 (its classes, not a copy of its code), with the number of epochs and steps per epoch set from a
-timed first epoch so that its polynomial learning-rate decay ends at the budget, as it would
+timed first epoch, and the epoch count re-planned after every later epoch from the time those
+epochs really took, so that its polynomial learning-rate decay ends at the budget, as it would
 after a full run. Two arms:
 
 - "default": 3d_fullres exactly as `nnUNetv2_plan_and_preprocess` plans it;
@@ -81,7 +82,12 @@ while True:
         trainer.lr_scheduler.max_steps = trainer.num_epochs
         per_epoch = epoch_s
     else:
+        # re-plan from the epochs measured so far: the first epoch's estimate misses nnU-Net's own
+        # per-epoch costs (validation, logging, plotting, checkpointing), and on its own it left up
+        # to a quarter of the budget unused; the decay is stretched to end at the new last epoch
         per_epoch = (elapsed - first_s) / (epoch - 1)
+        trainer.num_epochs = max(epoch, epoch + int((budget - elapsed) // per_epoch))
+        trainer.lr_scheduler.max_steps = trainer.num_epochs
     if epoch == 1:
         first_s = elapsed
     if epoch >= trainer.num_epochs or elapsed + per_epoch > budget:

@@ -450,9 +450,11 @@ def fit_patch_to_time(cfg: Config, minutes: float, floor: Sequence[int], seconds
     `MIN_PATCH_STEPS` steps, estimating the step time as proportional to the patch's voxels.
 
     Why so few: the planned patch is what the data needs (field of view, background to learn
-    from), and on large anisotropic images a few hundred steps of it beat thousands of steps of a
-    patch shrunk for speed (docs/benchmarks.md, "Generalisation"). Only a budget too short for
-    even that many steps gives up context. The width fit that follows times the result for real.
+    from), and shrinking it further for more steps did not pay on the thick-slice lesions: the
+    floor patch at about 650 steps per 5-minute model against the plan's at about 220 scored
+    0.750 (four runs, `MIN_PATCH_STEPS` 600) against 0.770 (six runs, 200; same cases and
+    training seeds; docs/benchmarks.md, "Generalisation"). Only a budget too short for even 200
+    steps gives up context. The width fit that follows times the result for real.
     """
     patch = cfg.train.patch_size
     steps = memory.budget_steps(minutes, seconds)
