@@ -357,3 +357,18 @@ def test_report_renders_in_headless_chromium(dataset_report, tmp_path):
     with Image.open(shot) as picture:
         low, high = picture.convert("L").getextrema()
         assert picture.size[0] >= 1000 and high - low > 100, (picture.size, low, high)
+
+
+def test_best_epoch_is_the_one_model_best_keeps_not_the_raw_maximum(tmp_path):
+    # below 10 cases model_best is chosen on smoothed Dice from half the schedule on, so the report
+    # reads the epoch from the model file; without one it falls back to the raw maximum
+    import torch
+    from safetensors.torch import save_file
+
+    from volseg.htmlreport import _best_epoch_index
+
+    rows = [{"epoch": "1", "val_dice": "0.6"}, {"epoch": "2", "val_dice": "0.5"}, {"epoch": "3", "val_dice": "0.55"}]
+    assert _best_epoch_index(rows, tmp_path) == 0
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model_best.safetensors"),
+              metadata={"volseg_extra": json.dumps({"epoch": 3, "val_dice": 0.55})})
+    assert _best_epoch_index(rows, tmp_path) == 2

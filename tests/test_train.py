@@ -150,6 +150,27 @@ def test_few_cases_choose_the_best_model_on_smoothed_validation_dice():
     assert _chosen_epoch([0.5, 0.9, 0.8], smooth=False) == 2
 
 
+def _chosen_epoch_timed(epochs: list[tuple[float, float]], smooth: bool) -> int:
+    """As `_chosen_epoch` for (Dice, schedule progress at the epoch's end); the last epoch ends the run."""
+    keeper, at = BestModel(smooth), 0
+    for epoch, (dice, progress) in enumerate(epochs, 1):
+        if keeper.update(dice, progress, last=epoch == len(epochs)):
+            at = epoch
+    return at
+
+
+def test_few_cases_do_not_keep_an_early_high_learning_rate_epoch():
+    # two averaged members of 10-minute lesion runs (2 validation cases, seconds of a 300 s and a
+    # 200 s budget): the smoothed score kept epoch 1; the last model scored better on held-out cases
+    for epochs in ([(0.594, 58 / 300), (0.503, 285 / 300)], [(0.560, 92 / 200), (0.479, 193 / 200)]):
+        assert _chosen_epoch_timed(epochs, smooth=False) == 1  # many validation cases: the raw maximum
+        assert _chosen_epoch_timed(epochs, smooth=True) == 2
+    # from half the schedule on, the smoothed choice still applies ...
+    assert _chosen_epoch_timed([(0.3, 0.2), (0.9, 0.6), (0.5, 0.8), (0.5, 1.0)], smooth=True) == 2
+    # ... and a run that stops early (plateau, or its epochs) still gets a model_best: its last epoch
+    assert _chosen_epoch_timed([(0.7, 0.1), (0.6, 0.2)], smooth=True) == 2
+
+
 def test_best_model_keeps_the_raw_dice_of_the_epoch_its_smoothed_score_chose():
     keeper = BestModel(smooth=True)
     assert keeper.update(0.5) and keeper.dice == 0.5

@@ -104,11 +104,27 @@ def _number(value: Any) -> float:
         return math.nan
 
 
-def _best_epoch_index(rows: list[dict[str, str]]) -> int | None:
-    """Index of the epoch with the best mean validation Dice (what model_best keeps), or None."""
+def _best_epoch_index(rows: list[dict[str, str]], run_dir: Path | None = None) -> int | None:
+    """Index of the epoch model_best keeps (its file records the epoch: below 10 cases the choice is
+    not the raw maximum), else of the best mean validation Dice; None without validation rows."""
+    epoch = _model_epoch(run_dir / "model_best.safetensors") if run_dir is not None else None
+    found = [i for i, r in enumerate(rows) if epoch is not None and _number(r.get("epoch")) == epoch]
+    if found:
+        return found[-1]
     dice = [_number(r.get("val_dice")) for r in rows]
     finite = [i for i, d in enumerate(dice) if math.isfinite(d)]
     return max(finite, key=lambda i: dice[i]) if finite else None
+
+
+def _model_epoch(model_path: Path) -> int | None:
+    """The epoch a model file was saved at (`volseg_extra` in its header), or None."""
+    try:
+        with open(model_path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        return int(json.loads(header["__metadata__"]["volseg_extra"])["epoch"])
+    except (OSError, struct.error, ValueError, KeyError, TypeError):
+        return None
 
 
 def _parameter_count(model_path: Path) -> int | None:
@@ -260,12 +276,12 @@ def _model_card(run_dir: Path, cfg: Config, fingerprint: dict, rows: list[dict[s
     ]  # fmt: skip
     seconds = [_number(r.get("seconds")) for r in rows]
     seconds = [s for s in seconds if math.isfinite(s)]
-    best = _best_epoch_index(rows)
+    best = _best_epoch_index(rows, run_dir)
     items.append(("epochs", f"{len(rows)} (budget: {t.max_epochs or 'no'} epochs, {t.max_minutes:g} min)"))
     if seconds:
         items.append(("training time", f"{max(seconds) / 60:.2f} min ({max(seconds) / len(rows):.1f} s per epoch)"))
     if best is not None:
-        items.append(("best epoch (mean val Dice)", f"{rows[best].get('epoch', best + 1)} ({_fmt(rows[best]['val_dice'])})"))
+        items.append(("best epoch (model_best; mean val Dice)", f"{rows[best].get('epoch', best + 1)} ({_fmt(rows[best]['val_dice'])})"))
     waits = [_number(r.get("data_wait_fraction")) for r in rows]
     waits = [w for w in waits if math.isfinite(w)]
     if waits:
@@ -275,11 +291,11 @@ def _model_card(run_dir: Path, cfg: Config, fingerprint: dict, rows: list[dict[s
     return _card(items)
 
 
-def _validation_table(cfg: Config, rows: list[dict[str, str]], columns: list[str]) -> str:
+def _validation_table(cfg: Config, rows: list[dict[str, str]], columns: list[str], run_dir: Path | None = None) -> str:
     """Last and best epoch: losses and validation Dice per class (names from the config)."""
     names = {str(v): n for n, v in cfg.data.labels}
     wanted = [c for c in columns if c == "train_loss" or c.startswith("val_")]
-    best = _best_epoch_index(rows)
+    best = _best_epoch_index(rows, run_dir)
     last = len(rows) - 1
     picks = [(f"last epoch ({rows[last].get('epoch', last + 1)})", last)]
     if best is not None and best != last:
@@ -517,7 +533,7 @@ def build_report(
         curves = Path(tmp) / "curves.png"
         report.plot_training_curves(run_dir / "metrics.csv", curves)
         sections.append(_section("curves", "Training curves", _img(curves.read_bytes(), "training curves")))
-    sections.append(_section("validation", "Validation during training", _validation_table(cfg, metric_rows, columns)))
+    sections.append(_section("validation", "Validation during training", _validation_table(cfg, metric_rows, columns, run_dir)))
 
     n_cases = 0
     with tempfile.TemporaryDirectory(prefix="volseg-report-") as tmp:
