@@ -160,20 +160,34 @@ def compare(name: str, train_ds: Path, test_img: Path, test_lbl: Path, out: Path
             continue
         arms[name_] = repeated(name_, args.train_seeds, lambda s, tag, v=variant: nnunet_arm(
             v, train_ds, train_ids, test_img, test_lbl, out, args.minutes, s, tag))
-    default = arms.get("nnunet_default", {}).get("dice", 0.0)
-    reduced = arms.get("nnunet_reduced", {}).get("dice", 0.0)
-    best = max(default, reduced)
+    # an arm that was not run is null, not 0.0: a 0.0 is a result (the default arm gets it when its
+    # few steps learn nothing)
+    default = arms["nnunet_default"]["dice"] if "nnunet_default" in arms else None
+    reduced = arms["nnunet_reduced"]["dice"] if "nnunet_reduced" in arms else None
+    best = _best_arm(default, reduced)
     result = {
         "dice_volseg": arms["volseg"]["dice"], "dice_nnunet": best, "dice_nnunet_default": default,
         "dice_nnunet_reduced": reduced, "minutes": args.minutes,
-        "ratio_to_nnunet": round(arms["volseg"]["dice"] / best, 3) if best > 0 else None,
+        "ratio_to_nnunet": round(arms["volseg"]["dice"] / best, 3) if best else None,
         "n_train": len(train_ids), "n_test": n_test, "seed": args.seed,
         "train_seeds": args.train_seeds, "arms": arms,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"{name}: volseg {result['dice_volseg']}  nnU-Net default {default}  reduced {reduced}  "
-          f"ratio {result['ratio_to_nnunet']}", flush=True)
+    print(f"{name}: volseg {result['dice_volseg']}  nnU-Net default {'not run' if default is None else default}  "
+          f"reduced {'not run' if reduced is None else reduced}  ratio {result['ratio_to_nnunet']}", flush=True)
     return result
+
+
+def _best_arm(*dice: float | None) -> float | None:
+    """The better nnU-Net arm's Dice among those that were run (None when none was)."""
+    run = [d for d in dice if d is not None]
+    return max(run) if run else None
+
+
+def _mean_of_run(values: list[float | None]) -> float | None:
+    """Mean over the lesion seeds of an arm's Dice, None when the arm was not run."""
+    run = [v for v in values if v is not None]
+    return round(float(np.mean(run)), 4) if run else None
 
 
 def main() -> None:
@@ -221,11 +235,11 @@ def main() -> None:
                                      "minutes", "ratio_to_nnunet")} for k, v in results.items()}
     seeds = [v for k, v in summary.items() if k.startswith("lesions_seed")]
     if len(seeds) > 1:  # the lesion dataset over its seeds: each arm's mean, then the better nnU-Net arm
-        pooled = {f: round(float(np.mean([v[f] for v in seeds])), 4)
+        pooled = {f: _mean_of_run([v[f] for v in seeds])
                   for f in ("dice_volseg", "dice_nnunet_default", "dice_nnunet_reduced")}
-        best = max(pooled["dice_nnunet_default"], pooled["dice_nnunet_reduced"])
+        best = _best_arm(pooled["dice_nnunet_default"], pooled["dice_nnunet_reduced"])
         summary["lesions"] = {**pooled, "dice_nnunet": best, "minutes": args.minutes, "seeds": len(seeds),
-                              "ratio_to_nnunet": round(pooled["dice_volseg"] / best, 3) if best > 0 else None}
+                              "ratio_to_nnunet": round(pooled["dice_volseg"] / best, 3) if best else None}
     ratios = [v["ratio_to_nnunet"] for v in summary.values() if v["ratio_to_nnunet"] is not None]
     print(json.dumps({**summary, "min_ratio_to_nnunet": min(ratios) if ratios else None}))
 
