@@ -108,32 +108,38 @@ def _best_epoch_index(rows: list[dict[str, str]], run_dir: Path | None = None) -
     """Index of the epoch model_best keeps (its file records the epoch: below 10 cases the choice is
     not the raw maximum), else of the best mean validation Dice; None without validation rows."""
     epoch = _model_epoch(run_dir / "model_best.safetensors") if run_dir is not None else None
-    found = [i for i, r in enumerate(rows) if epoch is not None and _number(r.get("epoch")) == epoch]
-    if found:
-        return found[-1]
+    if epoch is not None:
+        found = [i for i, r in enumerate(rows) if _number(r.get("epoch")) == epoch]
+        if found:
+            return found[-1]
     dice = [_number(r.get("val_dice")) for r in rows]
     finite = [i for i, d in enumerate(dice) if math.isfinite(d)]
     return max(finite, key=lambda i: dice[i]) if finite else None
 
 
-def _model_epoch(model_path: Path) -> int | None:
-    """The epoch a model file was saved at (`volseg_extra` in its header), or None."""
+def _safetensors_header(model_path: Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file (tensor shapes, metadata), read without torch; None if unreadable."""
     try:
         with open(model_path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
+            return json.loads(f.read(length))
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+def _model_epoch(model_path: Path) -> int | None:
+    """The epoch a model file was saved at (`volseg_extra` in its header), or None."""
+    header = _safetensors_header(model_path) or {}
+    try:
         return int(json.loads(header["__metadata__"]["volseg_extra"])["epoch"])
-    except (OSError, struct.error, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
 def _parameter_count(model_path: Path) -> int | None:
     """Parameters in a safetensors file, read from its JSON header (no torch needed)."""
-    try:
-        with open(model_path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-    except (OSError, struct.error, ValueError):
+    header = _safetensors_header(model_path)
+    if header is None:
         return None
     return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
 
@@ -227,7 +233,8 @@ code { background: #f3f3f5; padding: 0 0.2em; }
 # report sections
 
 
-def _model_card(run_dir: Path, cfg: Config, fingerprint: dict, rows: list[dict[str, str]], split: dict) -> str:
+def _model_card(run_dir: Path, cfg: Config, fingerprint: dict, rows: list[dict[str, str]], split: dict,
+                best: int | None) -> str:
     data, model, t = cfg.data, cfg.model, cfg.train
     labels = ", ".join(f"{v} {n}" for n, v in data.labels)
     if data.ignore_label is not None:
@@ -276,7 +283,6 @@ def _model_card(run_dir: Path, cfg: Config, fingerprint: dict, rows: list[dict[s
     ]  # fmt: skip
     seconds = [_number(r.get("seconds")) for r in rows]
     seconds = [s for s in seconds if math.isfinite(s)]
-    best = _best_epoch_index(rows, run_dir)
     items.append(("epochs", f"{len(rows)} (budget: {t.max_epochs or 'no'} epochs, {t.max_minutes:g} min)"))
     if seconds:
         items.append(("training time", f"{max(seconds) / 60:.2f} min ({max(seconds) / len(rows):.1f} s per epoch)"))
@@ -291,11 +297,10 @@ def _model_card(run_dir: Path, cfg: Config, fingerprint: dict, rows: list[dict[s
     return _card(items)
 
 
-def _validation_table(cfg: Config, rows: list[dict[str, str]], columns: list[str], run_dir: Path | None = None) -> str:
-    """Last and best epoch: losses and validation Dice per class (names from the config)."""
+def _validation_table(cfg: Config, rows: list[dict[str, str]], columns: list[str], best: int | None) -> str:
+    """Last and best epoch (`best`: model_best's row): losses and validation Dice per class (names from the config)."""
     names = {str(v): n for n, v in cfg.data.labels}
     wanted = [c for c in columns if c == "train_loss" or c.startswith("val_")]
-    best = _best_epoch_index(rows, run_dir)
     last = len(rows) - 1
     picks = [(f"last epoch ({rows[last].get('epoch', last + 1)})", last)]
     if best is not None and best != last:
@@ -528,12 +533,13 @@ def build_report(
     cfg, fingerprint, metric_rows, columns, split = _read_run(run_dir)
     notes: list[str] = []
     sections = []
-    sections.append(_section("model-card", "Model card", _model_card(run_dir, cfg, fingerprint, metric_rows, split)))
+    best = _best_epoch_index(metric_rows, run_dir)  # read once from model_best's header
+    sections.append(_section("model-card", "Model card", _model_card(run_dir, cfg, fingerprint, metric_rows, split, best)))
     with tempfile.TemporaryDirectory(prefix="volseg-report-") as tmp:
         curves = Path(tmp) / "curves.png"
         report.plot_training_curves(run_dir / "metrics.csv", curves)
         sections.append(_section("curves", "Training curves", _img(curves.read_bytes(), "training curves")))
-    sections.append(_section("validation", "Validation during training", _validation_table(cfg, metric_rows, columns, run_dir)))
+    sections.append(_section("validation", "Validation during training", _validation_table(cfg, metric_rows, columns, best)))
 
     n_cases = 0
     with tempfile.TemporaryDirectory(prefix="volseg-report-") as tmp:
