@@ -360,7 +360,7 @@ def test_report_renders_in_headless_chromium(dataset_report, tmp_path):
 
 
 def test_best_epoch_is_the_one_model_best_keeps_not_the_raw_maximum(tmp_path):
-    # below 10 cases model_best is chosen on smoothed Dice from half the schedule on, so the report
+    # below 10 cases model_best is chosen on smoothed Dice in the schedule's last quarter, so the report
     # reads the epoch from the model file; without one it falls back to the raw maximum
     import torch
     from safetensors.torch import save_file
