@@ -159,12 +159,13 @@ def selection_score(previous: float | None, dice: float, smooth: bool) -> float:
 @dataclasses.dataclass
 class BestModel:
     """Which epoch is model_best: the one with the highest `selection_score` so far among the
-    epochs that may be kept (few cases: from `SELECT_FROM_PROGRESS` of the schedule on, and the last).
+    epochs that may be kept (few cases: from `select_from` of the schedule on, and the last).
 
     `update` is the whole rule, for the training loop and for tests that replay a run's Dice.
     """
 
     smooth: bool  # few cases: choose on the Dice smoothed over epochs, and not an early epoch
+    select_from: float = SELECT_FROM_PROGRESS  # with smooth: the earliest schedule progress kept
     best: float = -math.inf  # the highest selection score so far
     score: float | None = None  # the selection score of the last epoch
     dice: float = -math.inf  # the validation Dice of the chosen epoch
@@ -175,7 +176,7 @@ class BestModel:
         `progress` is how far the learning-rate schedule had got at the epoch's end (0..1), `last`
         whether the run stops after it."""
         self.score = selection_score(self.score, dice, self.smooth)
-        eligible = last or not self.smooth or progress >= SELECT_FROM_PROGRESS
+        eligible = last or not self.smooth or progress >= self.select_from
         improved = eligible and self.score > self.best
         if improved:
             self.best, self.dice = self.score, dice
