@@ -65,8 +65,8 @@ def main() -> None:
         raise SystemExit(f"no member metrics.csv under {', '.join(map(str, args.roots))} (looked for {MEMBERS_JSON})")
     counts: dict[str, int] = {}
     for threshold in (float(t) for t in args.thresholds.split(",")):
-        not_last = [(folder, chosen_epoch(epochs, threshold), epochs) for folder, epochs in runs
-                    if chosen_epoch(epochs, threshold) != len(epochs)]
+        chosen = [(folder, chosen_epoch(epochs, threshold), epochs) for folder, epochs in runs]
+        not_last = [(folder, at, epochs) for folder, at, epochs in chosen if at != len(epochs)]
         counts[f"{threshold:g}"] = len(not_last)
         print(f"SELECT_FROM_PROGRESS {threshold:g}: {len(not_last)} of {len(runs)} members keep an epoch other than their last")
         for folder, at, epochs in not_last:
