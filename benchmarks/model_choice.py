@@ -45,15 +45,6 @@ def members(root: Path) -> list[tuple[Path, list[tuple[float, float]]]]:
     return found
 
 
-def chosen_epoch(epochs: list[tuple[float, float]], select_from: float) -> int:
-    """The epoch (1-based) the few-case rule keeps; the last epoch ends the run."""
-    keeper, at = BestModel(smooth=True, select_from=select_from), 0
-    for epoch, (dice, progress) in enumerate(epochs, 1):
-        if keeper.update(dice, progress, last=epoch == len(epochs)):
-            at = epoch
-    return at
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("roots", nargs="+", type=Path, help="folders searched for averaged runs (members.json)")
@@ -65,7 +56,7 @@ def main() -> None:
         raise SystemExit(f"no member metrics.csv under {', '.join(map(str, args.roots))} (looked for {MEMBERS_JSON})")
     counts: dict[str, int] = {}
     for threshold in (float(t) for t in args.thresholds.split(",")):
-        chosen = [(folder, chosen_epoch(epochs, threshold), epochs) for folder, epochs in runs]
+        chosen = [(folder, BestModel.replay(epochs, smooth=True, select_from=threshold), epochs) for folder, epochs in runs]
         not_last = [(folder, at, epochs) for folder, at, epochs in chosen if at != len(epochs)]
         counts[f"{threshold:g}"] = len(not_last)
         print(f"SELECT_FROM_PROGRESS {threshold:g}: {len(not_last)} of {len(runs)} members keep an epoch other than their last")

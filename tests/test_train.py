@@ -149,11 +149,7 @@ def test_few_cases_choose_the_best_model_on_smoothed_validation_dice():
 
 def _chosen_epoch_timed(epochs: list[tuple[float, float]], smooth: bool) -> int:
     """As `_chosen_epoch` for (Dice, schedule progress at the epoch's end); the last epoch ends the run."""
-    keeper, at = BestModel(smooth), 0
-    for epoch, (dice, progress) in enumerate(epochs, 1):
-        if keeper.update(dice, progress, last=epoch == len(epochs)):
-            at = epoch
-    return at
+    return BestModel.replay(epochs, smooth)
 
 
 def test_few_cases_do_not_keep_an_early_high_learning_rate_epoch():

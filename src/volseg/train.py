@@ -16,7 +16,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,17 @@ class BestModel:
         if improved:
             self.best, self.dice = self.score, dice
         return improved
+
+    @classmethod
+    def replay(cls, epochs: Sequence[tuple[float, float]], smooth: bool, select_from: float = SELECT_FROM_PROGRESS) -> int:
+        """The epoch (1-based) the rule keeps for a run's (validation Dice, schedule progress) per
+        epoch, its last epoch ending the run: for tests and `benchmarks/model_choice.py`, which
+        replay saved runs."""
+        keeper, at = cls(smooth, select_from), 0
+        for epoch, (dice, progress) in enumerate(epochs, 1):
+            if keeper.update(dice, progress, last=epoch == len(epochs)):
+                at = epoch
+        return at
 
 
 @dataclasses.dataclass
